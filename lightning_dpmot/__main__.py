@@ -1,0 +1,6 @@
+"""``python -m lightning_dpmot fit --config ...`` (same as the ``dpmot`` console script)."""
+
+from lightning_dpmot.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Write ``dpmot predict`` results: one PNG per sample (named by seed) and one ``samples.npz``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from einops import rearrange
+from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
+
+from lightning_dpmot.utils.images import save_png, save_scatter, to_uint8
+
+
+class SampleWriter(BasePredictionWriter):
+    """Save generated samples.
+
+    Every rank writes ``<output_dir>/<seed:06d>.png`` for its images as they come; at the end rank 0 merges all
+    ranks' samples (sorted by seed, DDP padding duplicates removed) into ``<output_dir>/samples.npz`` with
+    ``x`` (N, *S) float32 in [-1, 1], ``images`` (N, H, W, C) uint8 (images only), ``seeds`` and ``labels`` (N,)
+    int64 and ``nfe``. 2-D data gets ``scatter.png`` instead of per-sample PNGs.
+
+    Args:
+        output_dir: where to write; must be empty or absent unless ``overwrite`` is set.
+        overwrite: allow writing into a non-empty directory.
+        save_png: write one PNG per image sample.
+    """
+
+    def __init__(self, output_dir: str = "samples", overwrite: bool = False, save_png: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self.save_png = save_png
+        self._parts: list[dict[str, torch.Tensor]] = []
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
+            raise FileExistsError(
+                f"SampleWriter: output_dir {str(self.output_dir)!r} is not empty; choose another directory or set "
+                "overwrite: true (existing files with the same seeds would be replaced)"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._parts = []
+
+    @override
+    def write_on_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any], batch_indices: Any,
+        batch: Any, batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        x, seeds = prediction["x"].detach().cpu(), prediction["seed"].detach().cpu()
+        labels = prediction.get("label")
+        labels = labels.detach().cpu() if labels is not None else torch.full_like(seeds, -1)
+        if self.save_png and x.ndim == 4:
+            for img, seed in zip(x, seeds.tolist()):
+                save_png(img, self.output_dir / f"{seed:06d}.png")
+        self._parts.append({"x": x, "seeds": seeds, "labels": labels, "nfe": prediction["nfe"].reshape(1).cpu()})
+
+    @override
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        part_file = self.output_dir / f".part-rank{trainer.global_rank}.pt"
+        torch.save({k: torch.cat([p[k] for p in self._parts]) for k in self._parts[0]}, part_file)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self.merge(trainer.world_size)
+        trainer.strategy.barrier()
+
+    def merge(self, world_size: int) -> Path:
+        parts = []
+        for rank in range(world_size):
+            part_file = self.output_dir / f".part-rank{rank}.pt"
+            parts.append(torch.load(part_file, weights_only=True))
+            part_file.unlink()
+        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        seeds, first = np.unique(merged["seeds"].numpy(), return_index=True)  # sorted, DDP duplicates dropped
+        x = merged["x"][torch.from_numpy(first)]
+        arrays: dict[str, np.ndarray] = {
+            "x": x.float().numpy(), "seeds": seeds, "labels": merged["labels"][torch.from_numpy(first)].numpy(),
+            "nfe": merged["nfe"].max().numpy(),
+        }
+        if x.ndim == 4:
+            arrays["images"] = rearrange(to_uint8(x), "n c h w -> n h w c").numpy()
+        else:
+            save_scatter(x[:, :2], self.output_dir / "scatter.png", title=f"{len(seeds)} samples")
+        path = self.output_dir / "samples.npz"
+        np.savez(path, **arrays)
+        return path

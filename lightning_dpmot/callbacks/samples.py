@@ -1,0 +1,71 @@
+"""Sample grids during training: a PNG in the log directory every validation epoch, and a wandb image if active."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
+
+from lightning_dpmot.sampling.spec import SamplerSpec
+from lightning_dpmot.utils.images import make_grid, save_png, save_scatter
+
+
+class SampleGrid(L.Callback):
+    """Generate a fixed set of samples (same seeds every time, EMA weights) and save them.
+
+    Images are tiled into ``samples/step=<global_step>.png`` (plus ``samples/latest.png``) under the trainer's log
+    directory; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives.
+
+    Args:
+        num_samples: samples per grid.
+        every_n_epochs: how often (in validation epochs).
+        sampler: sampler to use (default: the model's ``sampler``).
+        seed_offset: first per-sample seed.
+        log_key: wandb image key.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        every_n_epochs: int = 1,
+        sampler: SamplerSpec | None = None,
+        seed_offset: int = 0,
+        log_key: str = "samples",
+    ) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.sampler = sampler
+        self.seed_offset = seed_offset
+        self.log_key = log_key
+        self.last_path: Path | None = None
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs) != 0:
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # log_dir is a collective
+        if trainer.is_global_zero:
+            self.last_path = self.write(trainer, pl_module, out_dir)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> Path:
+        seeds = torch.arange(self.seed_offset, self.seed_offset + self.num_samples)
+        num_classes = getattr(pl_module, "num_classes", 0)
+        labels = seeds % num_classes if num_classes else None
+        result = pl_module.generate(seeds, labels, self.sampler)
+        path = out_dir / f"step={trainer.global_step:08d}.png"
+        if result.x.ndim == 4:
+            grid = make_grid(result.x)
+            save_png(grid, path)
+            save_png(grid, out_dir / "latest.png")
+        else:
+            save_scatter(result.x[:, :2], path, title=f"step {trainer.global_step}, NFE {result.nfe}")
+            save_scatter(result.x[:, :2], out_dir / "latest.png", title=f"step {trainer.global_step}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=self.log_key, images=[str(path)], step=trainer.global_step,
+                                 caption=[f"NFE {result.nfe}"])
+        return path

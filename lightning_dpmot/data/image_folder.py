@@ -1,0 +1,218 @@
+"""A folder of PNG/JPEG images, optionally one subfolder per class, decoded lazily with Pillow.
+
+Images are found recursively (extensions ``.png``, ``.jpg``, ``.jpeg``, any case) and sorted by their path
+relative to the root, so the file order, and with it the seeded train/val split, is the same on every machine.
+Each item is decoded when it is read (nothing is cached; use DataLoader workers to decode in parallel):
+converted to grayscale or RGB (an alpha channel is dropped), the shorter side resized to ``resolution``
+(bicubic; Pillow antialiases when downsampling), then centre-cropped to a square.
+
+With ``class_subfolders`` every immediate subfolder of the root is a class; sorted folder names give labels
+0..K-1. The folder names are listed in ``__init__`` (so ``num_classes`` is known there); files are listed when
+the first dataset is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from lightning_dpmot.data.base import DiffusionDataModule, Split, split_indices, uint8_to_signed
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files under ``folder`` (recursive), sorted by their relative POSIX path."""
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def load_image(path: Path, resolution: int, channels: int) -> Tensor:
+    """Decode, resize the shorter side to ``resolution`` and centre-crop one image.
+
+    Args:
+        path: a PNG or JPEG file.
+        resolution: output side R.
+        channels: 1 (grayscale) or 3 (RGB).
+
+    Returns:
+        (channels, R, R) uint8.
+    """
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    width, height = img.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)  # returns a copy when the size is unchanged
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:
+        return torch.from_numpy(rearrange(array, "h w -> 1 h w").copy())
+    return torch.from_numpy(rearrange(array, "h w c -> c h w").copy())
+
+
+class ImageFileDataset(Dataset):
+    """Image files decoded on access into dict items ``{"x", "index"[, "label"]}``.
+
+    Args:
+        paths: N image files.
+        labels: (N,) int64 class labels, or ``None``.
+        resolution: output side R; items are ``x`` (channels, R, R) float32 in [-1, 1].
+        channels: 1 (grayscale) or 3 (RGB).
+        x_flip: flip left-right with probability 1/2.
+    """
+
+    def __init__(
+        self, paths: list[Path], labels: Tensor | None, resolution: int, channels: int, x_flip: bool = False
+    ) -> None:
+        if labels is not None and len(labels) != len(paths):
+            raise ValueError(f"labels has {len(labels)} entries but there are {len(paths)} paths")
+        self.paths, self.labels = list(paths), labels
+        self.resolution, self.channels, self.x_flip = resolution, channels, x_flip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        x = uint8_to_signed(load_image(self.paths[index], self.resolution, self.channels))
+        if self.x_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        item = {"x": x, "index": torch.tensor(index, dtype=torch.long)}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item
+
+
+class ImageFolderDataModule(DiffusionDataModule):
+    """PNG/JPEG images from a folder (recursive), resized and centre-cropped to squares, decoded lazily.
+
+    Batches: ``x`` (B, C, R, R) float32 in [-1, 1], ``index`` (B,), and ``label`` (B,) int64 with
+    ``class_subfolders``. Validation holds out ``val_fraction`` of the files (of each class), seeded.
+
+    Args:
+        root: folder of images, or of one subfolder per class.
+        resolution: image side R (shorter side resized to R, then centre crop).
+        channels: 1 (grayscale) or 3 (RGB).
+        class_subfolders: each immediate subfolder is a class (sorted names -> labels 0..K-1).
+        val_fraction: fraction of the images (of every class) held out for validation.
+        split_seed: seed of the train/val split.
+        batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
+        val_batch_size: per-device batch size for validation / test (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        x_flip: random horizontal flips of training images (EDM's x-flip augmentation).
+        predict_num_samples: how many samples ``dpmot predict`` generates.
+        predict_batch_size: per-device batch size for generation.
+        predict_seed_offset: first per-sample seed for generation.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 64,
+        channels: int = 3,
+        class_subfolders: bool = False,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        x_flip: bool = False,
+        predict_num_samples: int = 64,
+        predict_batch_size: int = 64,
+        predict_seed_offset: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            x_flip=x_flip,
+            predict_num_samples=predict_num_samples,
+            predict_batch_size=predict_batch_size,
+            predict_seed_offset=predict_seed_offset,
+        )
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.root = Path(root).expanduser()
+        self.resolution, self.channels = resolution, channels
+        self.class_subfolders = class_subfolders
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.classes: list[str] = []
+        if class_subfolders:
+            self._check_root()
+            self.classes = sorted(
+                p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
+            if not self.classes:
+                raise FileNotFoundError(f"class_subfolders=True but {self.root} has no subfolders")
+        self.data_shape = (channels, resolution, resolution)
+        self.num_classes = len(self.classes)
+        self._files: tuple[list[Path], np.ndarray] | None = None
+
+    @property
+    @override
+    def name(self) -> str:
+        """E.g. ``"folder-faces-1a2b3c4d-64px"``: folder name, hash of its absolute path, size, options."""
+        digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        name = f"folder-{self.root.name}-{digest}-{self.resolution}px"
+        name += "-gray" if self.channels == 1 else ""
+        name += "-classes" if self.class_subfolders else ""
+        if (self.val_fraction, self.split_seed) != (0.05, 0):
+            name += f"-val{self.val_fraction:g}-seed{self.split_seed}"
+        return name
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist (or is not a directory)")
+
+    def files(self) -> tuple[list[Path], np.ndarray]:
+        """All image files and their (N,) int64 labels (zeros without class subfolders); listed once."""
+        if self._files is None:
+            self._check_root()
+            exts = ", ".join(IMAGE_EXTENSIONS)
+            if self.class_subfolders:
+                paths, labels = [], []
+                for label, cls in enumerate(self.classes):
+                    found = list_images(self.root / cls)
+                    if not found:
+                        raise FileNotFoundError(f"class folder {self.root / cls} has no images ({exts})")
+                    paths += found
+                    labels += [label] * len(found)
+            else:
+                paths = list_images(self.root)
+                labels = [0] * len(paths)
+                if not paths:
+                    raise FileNotFoundError(f"no images ({exts}) found under {self.root}")
+            self._files = (paths, np.asarray(labels, dtype=np.int64))
+        return self._files
+
+    @override
+    def build_dataset(self, split: Split) -> Dataset:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        paths, labels = self.files()
+        train_idx, val_idx = split_indices(labels, self.val_fraction, self.split_seed)
+        idx = train_idx if split == "train" else val_idx
+        split_labels = torch.from_numpy(labels[idx]) if self.class_subfolders else None
+        return ImageFileDataset(
+            [paths[i] for i in idx],
+            split_labels,
+            self.resolution,
+            self.channels,
+            x_flip=self.x_flip and split == "train",
+        )

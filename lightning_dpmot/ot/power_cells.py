@@ -1,0 +1,129 @@
+"""Blocked power-diagram (Laguerre-cell) queries: argmax, top-k and Monte Carlo source samples.
+
+For targets ``y_i`` (rows of Y, (N, d)) and heights ``h`` (N,), the score of a point x is
+``s_i(x) = <x, y_i> + h_i`` and x lies in the power cell ``W_i(h)`` of the best-scoring target. These kernels never
+materialise the full (B, N) score matrix: the targets are visited in blocks of ``target_chunk_size`` rows, each block
+costs one fp32 GEMM with h folded in as the bias (``addmm``), and a running (value, index) maximum is merged across
+blocks. Peak extra memory is one (B, target_chunk_size) score block.
+
+Ties resolve to the lowest target index, both inside a block (``max`` returns the first maximum) and across blocks
+(a later block must be strictly better), so the result does not depend on the block size as long as the GEMM rounds
+each score identically.
+
+Precision: the GEMMs run in fp32. TF32 or bf16 matmuls (``torch.backends.cuda.matmul.allow_tf32``, Lightning's
+``torch.set_float32_matmul_precision("high")``) round scores to ~1e-3 relative and mis-assign samples near cell
+faces; GPU users should call ``torch.set_float32_matmul_precision("highest")``. Nothing here changes global settings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_dpmot.utils.random import make_generator
+
+Source = Literal["gaussian", "uniform"]
+
+#: Standard deviation of one coordinate of each source: N(0, 1) and the centred cube U[-1/2, 1/2].
+SOURCE_STD: dict[str, float] = {"gaussian": 1.0, "uniform": 1.0 / math.sqrt(12.0)}
+
+#: Stream tags mixed into the Monte Carlo seeds: optimisation samples and held-out evaluation samples.
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def check_source(source: str) -> None:
+    """Raise ``ValueError`` unless ``source`` is ``"gaussian"`` or ``"uniform"``."""
+    if source not in SOURCE_STD:
+        raise ValueError(f"source must be 'gaussian' or 'uniform' (centred cube [-1/2, 1/2]^d), got {source!r}")
+
+
+def chunk_generator(
+    seed: int, stream: int, iteration: int, chunk: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """Generator of Monte Carlo chunk ``chunk`` at ``iteration``.
+
+    Mixing rule: ``torch.Generator(device).manual_seed(mix_seed(seed, stream, iteration, chunk))`` with
+    :func:`lightning_dpmot.utils.random.mix_seed` (SplitMix64 chaining of the four integers). The samples of a chunk
+    therefore depend only on these four numbers (and the device type), not on which process draws them or on
+    what was drawn before: resuming needs no RNG state and any rank can draw any chunk.
+    """
+    return make_generator(seed, stream, iteration, chunk, device=device)
+
+
+def sample_source(
+    source: Source, num: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Draw ``num`` source samples, (num, dim) fp32: N(0, I) or uniform on the centred cube [-1/2, 1/2]^dim."""
+    if source == "gaussian":
+        return torch.randn(num, dim, generator=generator, device=device, dtype=torch.float32)
+    check_source(source)
+    return torch.rand(num, dim, generator=generator, device=device, dtype=torch.float32).sub_(0.5)
+
+
+def _merge_max(best: tuple[Tensor, Tensor] | None, val: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge a block's (value, index) maxima into the running maxima; ties keep the earlier block."""
+    if best is None:
+        return val, idx
+    best_val, best_idx = best
+    better = val > best_val
+    return torch.where(better, val, best_val), torch.where(better, idx, best_idx)
+
+
+def power_argmax(
+    x: Tensor, targets: Tensor, h: Tensor, target_chunk_size: int, antithetic: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Best score and cell index per point, blocked over targets.
+
+    Args:
+        x: (B, d) fp32 points.
+        targets: (N, d) fp32 targets Y.
+        h: (N,) fp32 heights.
+        target_chunk_size: targets per GEMM block.
+        antithetic: also score the reflected points ``-x`` from the same GEMM (``s_i(-x) = h_i - <x, y_i>``).
+
+    Returns:
+        ``(values, indices)``: ``max_i <x_b, y_i> + h_i`` (fp32) and its argmax (int64), each (B,), or (2B,) for
+        ``[x; -x]`` when ``antithetic``.
+    """
+    best: tuple[Tensor, Tensor] | None = None
+    best_neg: tuple[Tensor, Tensor] | None = None
+    for start in range(0, targets.shape[0], target_chunk_size):
+        y_b, h_b = targets[start : start + target_chunk_size], h[start : start + target_chunk_size]
+        if antithetic:
+            gram = x @ y_b.T  # (B, Bt)
+            val, idx = torch.add(gram, h_b).max(dim=1)
+            best = _merge_max(best, val, idx + start)
+            val, idx = torch.sub(h_b, gram).max(dim=1)
+            best_neg = _merge_max(best_neg, val, idx + start)
+        else:
+            val, idx = torch.addmm(h_b, x, y_b.T).max(dim=1)
+            best = _merge_max(best, val, idx + start)
+    assert best is not None
+    if best_neg is None:
+        return best
+    return torch.cat([best[0], best_neg[0]]), torch.cat([best[1], best_neg[1]])
+
+
+def power_topk(x: Tensor, targets: Tensor, h: Tensor, k: int, target_chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The k best scores and their cell indices per point, blocked over targets.
+
+    Args:
+        x: (B, d) fp32 points; targets: (N, d); h: (N,); k: 1 <= k <= N; target_chunk_size: targets per block.
+
+    Returns:
+        ``(scores, indices)``, each (B, k), sorted by decreasing score; ``indices[:, 0]`` is the power cell.
+    """
+    best: tuple[Tensor, Tensor] | None = None
+    for start in range(0, targets.shape[0], target_chunk_size):
+        y_b, h_b = targets[start : start + target_chunk_size], h[start : start + target_chunk_size]
+        val, idx = torch.addmm(h_b, x, y_b.T).topk(min(k, y_b.shape[0]), dim=1)
+        idx = idx + start
+        if best is not None:
+            val, pos = torch.cat([best[0], val], dim=1).topk(min(k, best[0].shape[1] + val.shape[1]), dim=1)
+            idx = torch.cat([best[1], idx], dim=1).gather(1, pos)
+        best = (val, idx)
+    assert best is not None
+    return best

@@ -1,0 +1,72 @@
+"""Image helpers without torchvision: [-1, 1] tensors to uint8, grids, PNG files, 2-D scatter plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """x: (..., C, H, W) in [-1, 1] -> uint8 in [0, 255] (EDM's rounding: (x * 127.5 + 128).clamp(0, 255))."""
+    return (x.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def make_grid(x: Tensor, nrow: int | None = None, padding: int = 1) -> Tensor:
+    """Tile images into one picture.
+
+    Args:
+        x: (B, C, H, W) in [-1, 1].
+        nrow: images per row (default: ceil(sqrt(B))).
+        padding: pixels of background (-1) between images.
+    Returns:
+        (C, rows * (H + padding) + padding, nrow * (W + padding) + padding) in [-1, 1].
+    """
+    if x.ndim != 4:
+        raise ValueError(f"make_grid expects (B, C, H, W), got shape {tuple(x.shape)}")
+    b = x.shape[0]
+    ncol = nrow or math.ceil(math.sqrt(b))
+    nrows = math.ceil(b / ncol)
+    fill = x.new_full((nrows * ncol - b, *x.shape[1:]), -1.0)
+    x = torch.cat([x, fill])
+    x = torch.nn.functional.pad(x, (padding, 0, padding, 0), value=-1.0)
+    grid = rearrange(x, "(r c) ch h w -> ch (r h) (c w)", r=nrows, c=ncol)
+    return torch.nn.functional.pad(grid, (0, padding, 0, padding), value=-1.0)
+
+
+def save_png(x: Tensor, path: str | Path) -> Path:
+    """Save one image x: (C, H, W) in [-1, 1] (C = 1 or 3) as PNG."""
+    arr = rearrange(to_uint8(x).cpu(), "c h w -> h w c").numpy()
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None, title: str = "") -> Path:
+    """Scatter plot of 2-D samples (N, 2), optionally over reference data, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if reference is not None:
+        ref = reference.detach().cpu().numpy()
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="lightgray", label="data")
+    pts = np.asarray(points.detach().cpu())
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:blue", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

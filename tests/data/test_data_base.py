@@ -1,0 +1,105 @@
+"""Shared DataModule plumbing: seeded splits, uint8 storage, drop_last, predict seeds, argument checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from lightning_dpmot.data.base import DiffusionDataModule, Split, TensorDictDataset, split_indices
+
+
+class _Ramp(DiffusionDataModule):
+    """Ten 1x2x2 images whose pixels all equal their index / 10 (train) or 20 items (val)."""
+
+    def __init__(self, batch_size: int = 4, **kwargs: object) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.data_shape = (1, 2, 2)
+        self.num_classes = 3
+
+    def build_dataset(self, split: Split) -> Dataset:
+        n = 10 if split == "train" else 20
+        x = torch.arange(n, dtype=torch.float32).div(n).view(n, 1, 1, 1).expand(n, 1, 2, 2)
+        return TensorDictDataset(x.clone(), torch.arange(n) % 3)
+
+
+def test_split_indices_pins_the_frozen_randomstate_stream() -> None:
+    # RandomState(0).permutation(10) = [2, 8, 4, 9, ...]: the first 3 go to val on every machine.
+    train, val = split_indices(np.zeros(10, dtype=np.int64), 0.3, seed=0)
+    assert val.tolist() == [2, 4, 8]
+    assert train.tolist() == [0, 1, 3, 5, 6, 7, 9]
+    assert train.dtype == val.dtype == np.int64
+
+
+def test_split_indices_is_stratified_disjoint_and_complete() -> None:
+    labels = np.repeat(np.arange(4), [10, 20, 30, 41])
+    train, val = split_indices(labels, 0.2, seed=5)
+    assert np.intersect1d(train, val).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+    assert np.bincount(labels[val]).tolist() == [2, 4, 6, 8]  # round(0.2 * n) per class
+    assert np.all(np.diff(val) > 0) and np.all(np.diff(train) > 0)
+    other_train, _ = split_indices(labels, 0.2, seed=6)
+    assert not np.array_equal(train, other_train)
+
+
+def test_split_indices_rejects_bad_fractions_and_empty_splits() -> None:
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
+        split_indices(np.zeros(5), 1.0, 0)
+    with pytest.raises(ValueError, match="gives 3 train and 0 val items"):
+        split_indices(np.zeros(3), 0.1, 0)
+
+
+def test_uint8_storage_is_converted_per_item() -> None:
+    x = torch.tensor([0, 51, 255, 128], dtype=torch.uint8).view(1, 1, 2, 2)
+    item = TensorDictDataset(x)[0]
+    assert item["x"].dtype == torch.float32
+    assert torch.allclose(item["x"].flatten(), torch.tensor([-1.0, -0.6, 1.0, 128 / 127.5 - 1]), atol=1e-6)
+    assert x.flatten().tolist() == [0, 51, 255, 128]  # storage untouched
+
+
+def test_tensor_dict_dataset_rejects_other_dtypes_and_flipping_points() -> None:
+    with pytest.raises(ValueError, match="got dtype torch.float64"):
+        TensorDictDataset(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x_flip needs images \(N, C, H, W\); got shape \(2, 3\)"):
+        TensorDictDataset(torch.zeros(2, 3), x_flip=True)
+    with pytest.raises(ValueError, match="labels has 1 entries but x has 2"):
+        TensorDictDataset(torch.zeros(2, 3), torch.zeros(1, dtype=torch.long))
+
+
+def test_train_loader_drops_the_last_partial_batch_and_val_keeps_it() -> None:
+    dm = _Ramp(batch_size=4, val_batch_size=6)
+    train = list(dm.train_dataloader())
+    assert [len(b["x"]) for b in train] == [4, 4]  # 10 items: the last 2 are dropped
+    assert set(train[0]) == {"x", "label", "index"}
+    val = list(dm.val_dataloader())
+    assert [len(b["x"]) for b in val] == [6, 6, 6, 2]
+    assert torch.cat([b["index"] for b in val]).tolist() == list(range(20))
+
+
+def test_train_loader_needs_a_full_batch() -> None:
+    with pytest.raises(ValueError, match="the training split has 10 items, fewer than batch_size=11"):
+        _Ramp(batch_size=11).train_dataloader()
+
+
+def test_predict_loader_yields_consecutive_seeds_from_the_offset() -> None:
+    dm = _Ramp(predict_num_samples=10, predict_batch_size=4, predict_seed_offset=100)
+    batches = list(dm.predict_dataloader())
+    assert [len(b["seed"]) for b in batches] == [4, 4, 2]
+    seeds = torch.cat([b["seed"] for b in batches])
+    assert seeds.tolist() == list(range(100, 110))
+    assert torch.cat([b["label"] for b in batches]).tolist() == [s % 3 for s in range(100, 110)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"val_batch_size": 0}, "val_batch_size must be >= 1 or null, got 0"),
+        ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"predict_num_samples": 0}, "predict_num_samples and predict_batch_size must be >= 1"),
+    ],
+)
+def test_base_arguments_are_validated(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _Ramp(**kwargs)

@@ -17,7 +17,8 @@ class SampleGrid(L.Callback):
     """Generate a fixed set of samples (same seeds every time, EMA weights) and save them.
 
     Images are tiled into ``samples/step=<global_step>.png`` (plus ``samples/latest.png``) under the trainer's log
-    directory; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives.
+    directory; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives; skipped under
+    ``fast_dev_run``.
 
     Args:
         num_samples: samples per grid.
@@ -45,8 +46,8 @@ class SampleGrid(L.Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs) != 0:
-            return
+        if trainer.sanity_checking or trainer.fast_dev_run or (trainer.current_epoch % self.every_n_epochs) != 0:
+            return  # like ModelCheckpoint, skipped under fast_dev_run
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # log_dir is a collective
         if trainer.is_global_zero:
             self.last_path = self.write(trainer, pl_module, out_dir)

@@ -1,9 +1,10 @@
 """Small-data classifier: feature extractor for FID / precision-recall and probabilities for mode mixture.
 
-Inception features mean nothing for 8x8 digits or 2-D points, so small datasets are scored in the feature space
-of a small classifier trained on their own training split. :class:`ClassifierFeatures` follows the feature
-extractor contract of :mod:`lightning_dpmot.metrics` (``forward(x) -> (B, num_features)`` float32, attributes
-``num_features`` and ``name``) and plugs into torchmetrics' FID as a custom ``feature`` module.
+Inception features mean nothing for 8x8 digits or 2-D points, so small datasets are scored in the feature
+space of a small classifier trained on their own training split. :class:`ClassifierFeatures` follows the
+feature extractor contract of :mod:`lightning_dpmot.metrics` (``forward(x) -> (B, num_features)``
+float32, attributes ``num_features`` and ``name``) and plugs into torchmetrics' FID as a custom ``feature``
+module.
 
 Input conventions (``forward``, ``logits``, ``predict_proba``, ``accuracy``):
 
@@ -13,8 +14,9 @@ Input conventions (``forward``, ``logits``, ``predict_proba``, ``accuracy``):
   internally with the training mean and std.
 
 :meth:`ClassifierFeatures.fit` takes the training split as the DataModules yield it (images in [-1, 1], points
-raw) and trains deterministically on the CPU: fixed seed for the initialisation, a seeded permutation per epoch,
-AdamW with cosine decay. Features are the penultimate layer (SiLU of a ``num_features``-wide linear layer).
+raw) and trains deterministically on the CPU: fixed seed for the initialisation, a seeded permutation per
+epoch, AdamW with cosine decay. Features are the penultimate layer (SiLU of a ``num_features``-wide linear
+layer).
 :meth:`ClassifierFeatures.cached` stores the weights under a SHA-256 of the training data, labels,
 hyperparameters and :data:`ARCH_VERSION`; ``name`` carries that hash, so cached statistics keyed by ``name``
 are invalidated with the classifier.
@@ -58,7 +60,7 @@ def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 def image_trunk(in_channels: int, resolution: int, width: int) -> tuple[nn.Sequential, int]:
-    """VGG-style CNN: 3x3 conv + SiLU per scale, average-pooling by 2 until the map is at most 4x4, then flatten.
+    """VGG-style CNN: 3x3 conv + SiLU per scale, average-pooling by 2 until the map is at most 4x4; flatten.
 
     Channels double per scale from ``width`` up to ``4 * width``.
 
@@ -82,7 +84,9 @@ def points_trunk(in_dim: int, width: int) -> tuple[nn.Sequential, int]:
 def _as_hparams(overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(DEFAULT_HPARAMS))
     if unknown:
-        raise ValueError(f"unknown classifier hyperparameter(s) {unknown}; expected some of {sorted(DEFAULT_HPARAMS)}")
+        raise ValueError(
+            f"unknown classifier hyperparameter(s) {unknown}; expected some of {sorted(DEFAULT_HPARAMS)}"
+        )
     return {**DEFAULT_HPARAMS, **overrides}
 
 
@@ -90,7 +94,9 @@ def _check_training_data(x: Tensor, labels: Tensor) -> Kind:
     if x.ndim not in (2, 4):
         raise ValueError(f"x_train must be images (N, C, H, W) or points (N, d), got shape {tuple(x.shape)}")
     if labels.shape != (len(x),) or labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be integer class ids of shape ({len(x)},), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be integer class ids of shape ({len(x)},), got {labels.dtype} {tuple(labels.shape)}"
+        )
     if len(x) < 2 or int(labels.min()) < 0:
         raise ValueError("need at least 2 training points and labels >= 0")
     if x.ndim == 4 and (x.shape[2] != x.shape[3] or x.shape[2] < 4):
@@ -109,7 +115,7 @@ def training_digest(x_train: Tensor, labels: Tensor, hparams: dict[str, Any]) ->
 
 
 class ClassifierFeatures(nn.Module):
-    """Classifier whose penultimate layer is a feature extractor (see the module docstring for input conventions).
+    """Classifier whose penultimate layer is a feature extractor (input conventions: module docstring).
 
     Args:
         kind: ``"image"`` (CNN) or ``"points"`` (MLP).
@@ -151,12 +157,18 @@ class ClassifierFeatures(nn.Module):
 
     def _network_input(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.in_shape or x.ndim != len(self.in_shape) + 1:
-            raise ValueError(f"{self.name} expects input of shape (B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.name} expects input of shape (B, {', '.join(map(str, self.in_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
         x = x.float()
         if self.kind == "points":
             return (x - self.shift) / self.scale
         if x.numel() and float(x.min()) < -0.1:
-            raise ValueError(f"{self.name} takes images in [0, 1]; got values down to {float(x.min()):.3f} (convert [-1, 1] with (x + 1) / 2)")
+            raise ValueError(
+                f"{self.name} takes images in [0, 1]; got values down to {float(x.min()):.3f} "
+                "(convert [-1, 1] with (x + 1) / 2)"
+            )
         shift, scale = (rearrange(t, "c -> 1 c 1 1") for t in (self.shift, self.scale))
         return (x.clamp(0.0, 1.0) - shift) / scale
 
@@ -179,7 +191,11 @@ class ClassifierFeatures(nn.Module):
     def accuracy(self, x: Tensor, labels: Tensor, batch_size: int = 512) -> float:
         """Top-1 accuracy on (N, *in_shape) inputs (forward convention) with (N,) labels."""
         correct = sum(
-            int((self.logits(x[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size].to(x.device)).sum())
+            int(
+                (
+                    self.logits(x[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size].to(x.device)
+                ).sum()
+            )
             for i in range(0, len(x), batch_size)
         )
         return correct / len(x)
@@ -206,8 +222,17 @@ class ClassifierFeatures(nn.Module):
             epochs, seed, batch_size, lr, weight_decay: AdamW with cosine decay over ``epochs`` passes.
             num_features, width: architecture (see the class).
         """
-        hparams = _as_hparams(dict(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-                                   weight_decay=weight_decay, num_features=num_features, width=width))
+        hparams = _as_hparams(
+            dict(
+                epochs=epochs,
+                seed=seed,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                num_features=num_features,
+                width=width,
+            )
+        )
         kind = _check_training_data(x_train, labels)
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -226,8 +251,10 @@ class ClassifierFeatures(nn.Module):
         return model.eval()
 
     @classmethod
-    def cached(cls, x_train: Tensor, labels: Tensor, cache_dir: str | os.PathLike[str], **hparams: Any) -> ClassifierFeatures:
-        """:meth:`fit` once, then load ``cache_dir/<name>.pt`` (``torch.load(weights_only=True)``) on later calls."""
+    def cached(
+        cls, x_train: Tensor, labels: Tensor, cache_dir: str | os.PathLike[str], **hparams: Any
+    ) -> ClassifierFeatures:
+        """:meth:`fit` once; later calls load ``cache_dir/<name>.pt`` (``torch.load``, ``weights_only``)."""
         full = _as_hparams(hparams)
         kind = _check_training_data(x_train, labels)
         path = Path(cache_dir) / f"classifier-{kind}-{training_digest(x_train, labels, full)[:12]}.pt"
@@ -242,9 +269,14 @@ class ClassifierFeatures(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "arch_version": ARCH_VERSION, "kind": self.kind, "in_shape": list(self.in_shape),
-            "num_classes": self.num_classes, "num_features": self.num_features, "width": self.width,
-            "name": self.name, "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "arch_version": ARCH_VERSION,
+            "kind": self.kind,
+            "in_shape": list(self.in_shape),
+            "num_classes": self.num_classes,
+            "num_features": self.num_features,
+            "width": self.width,
+            "name": self.name,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
@@ -256,15 +288,41 @@ class ClassifierFeatures(nn.Module):
         """Rebuild a classifier written by :meth:`save` (eval mode, CPU)."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("arch_version") != ARCH_VERSION:
-            raise ValueError(f"{path}: classifier architecture v{payload.get('arch_version')}, this code is v{ARCH_VERSION}")
-        model = cls(payload["kind"], tuple(payload["in_shape"]), payload["num_classes"],
-                    payload["num_features"], payload["width"], payload["name"])
+            raise ValueError(
+                f"{path}: classifier architecture v{payload.get('arch_version')}, "
+                f"this code is v{ARCH_VERSION}"
+            )
+        model = cls(
+            payload["kind"],
+            tuple(payload["in_shape"]),
+            payload["num_classes"],
+            payload["num_features"],
+            payload["width"],
+            payload["name"],
+        )
         model.load_state_dict(payload["state_dict"])
         return model.eval()
 
 
-def train_classifier(model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]) -> None:
-    """Cross-entropy training on network-scale inputs (N, ...) with seeded minibatch order and cosine-decayed AdamW."""
+def train_classifier(
+    model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]
+) -> None:
+    """Cross-entropy on network-scale inputs (N, ...): seeded minibatch order, cosine-decayed AdamW.
+
+    Runs single-threaded: the ops are too small to gain from intra-op parallelism (on a loaded machine extra
+    threads make it several times slower), and the weights then do not depend on the machine's thread count.
+    """
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_loop(model, net_input, labels, hparams)
+    finally:
+        torch.set_num_threads(num_threads)
+
+
+def _train_loop(
+    model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]
+) -> None:
     generator = torch.Generator().manual_seed(hparams["seed"])
     batch_size = min(hparams["batch_size"], len(net_input))
     steps_per_epoch = len(net_input) // batch_size  # drop the ragged last batch: equal-sized steps

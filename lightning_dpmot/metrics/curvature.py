@@ -1,20 +1,24 @@
 """Straightness of probability-flow ODE trajectories (AOT's "lower curvature" claim, measured our way).
 
 A trajectory is recorded at levels ``sigma_0 > sigma_1 > ... > sigma_N >= 0`` as states ``x_i`` (B, *S) and
-denoised estimates ``D_i = D(x_i; sigma_i)``. The ODE is ``dx/dsigma = d(x, sigma) = (x - D(x; sigma)) / sigma``;
-it is a straight line exactly when ``D`` stays constant along it (``x_i = D + sigma_i * n``). With ``dim`` the
-number of entries per sample and ``I = {i : sigma_i > 0}`` (``D(x; 0) = x`` is no network evaluation, so steps at
-``sigma = 0`` are skipped), per sample:
+denoised estimates ``D_i = D(x_i; sigma_i)``. The probability-flow ODE is
+``dx/dsigma = d(x, sigma) = (x - D(x; sigma)) / sigma``; its path is a straight line traversed at constant
+speed exactly when ``D`` stays constant (``x_i = D + sigma_i * n``). With ``dim`` the number of entries per
+sample and ``I = {i : sigma_i > 0}`` (``D(x; 0) = x`` is no network evaluation, so levels at ``sigma = 0``
+are skipped), per sample:
 
-(a) straightness deviation  ``mean_{i in I} ||D_i - x_N||^2 / dim``: how far the denoiser's guesses lie from the
-    final sample; 0 for a straight path ending at ``sigma_N = 0``.
-(b) curvature (Lee et al. 2023, in sigma time)  ``mean_{i in I} ||d_i - (x_0 - x_N) / (sigma_0 - sigma_N)||^2 / dim``
-    with ``d_i = (x_i - D_i) / sigma_i``: the deviation of the ODE direction from the chord; 0 when straight.
-(c) total variation  ``sum_{i, i+1 in I} ||D_{i+1} - D_i|| / sqrt(dim)``: path length of the denoised estimate.
+(a) straightness deviation ``mean_{i in I} ||D_i - x_N||^2 / dim``: how far the denoiser's guesses lie from
+    the final sample; 0 for a straight path ending at ``sigma_N = 0``.
+(b) curvature (Lee et al. 2023, in sigma time)
+    ``mean_{i in I} ||d_i - (x_0 - x_N) / (sigma_0 - sigma_N)||^2 / dim`` with
+    ``d_i = (x_i - D_i) / sigma_i``: the deviation of the ODE velocity from the chord's; 0 when straight.
+    As in Lee et al., a change of speed along a straight line also counts.
+(c) total variation ``sum_{i, i+1 in I} ||D_{i+1} - D_i|| / sqrt(dim)``: path length of the denoised
+    estimate.
 
 Any sampler that records its trajectory can feed these; :class:`TrajectoryRecorder` turns the step callback of
-:mod:`lightning_dpmot.sampling.samplers` into the ``(xs, Ds, sigmas)`` tensors. Curvature should be measured on a
-fine reference solver (many Euler/Heun steps), so that solver error does not masquerade as curvature.
+:mod:`lightning_dpmot.sampling.samplers` into the ``(xs, Ds, sigmas)`` tensors. Measure on a fine reference
+solver (many Euler/Heun steps), so that solver error does not masquerade as curvature.
 """
 
 from __future__ import annotations
@@ -150,7 +154,9 @@ class TrajectoryRecorder:
         if not self.steps:
             raise ValueError("no steps recorded: pass the recorder as the sampler's callback first")
         if self.steps[-1]["sigma_next"] != 0.0:
-            raise ValueError(f"the trajectory must end at sigma = 0, it ends at {self.steps[-1]['sigma_next']}")
+            raise ValueError(
+                f"the trajectory must end at sigma = 0, it ends at {self.steps[-1]['sigma_next']}"
+            )
         dtype = torch.float64
         x0 = self.x_start.to(self.steps[0]["x"].device, dtype)
         xs = torch.stack([x0] + [s["x"].to(dtype) for s in self.steps])

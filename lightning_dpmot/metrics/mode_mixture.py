@@ -2,11 +2,11 @@
 
 * :func:`mode_mixture_rate`: DPM-OT's mode-mixture ratio (MMR). A classifier gives softmax probabilities
   ``p`` (N, K); a sample is *mixed* at threshold ``tau`` when at least two classes have ``p_c >= tau``. The
-  MMR is the share of mixed samples. Report it on real data next to the generator: a generator that returns real
-  images scores the classifier's own ambiguity, the floor of this metric.
-* :func:`off_mode_rate` / :func:`mode_coverage`: the same question for mixtures with known modes (2-D toy data):
-  a sample is *on mode* c when it lies within ``k * std`` of centre ``mu_c``; samples on no mode fall between
-  modes (mixing), and modes that receive no samples are dropped.
+  MMR is the share of mixed samples. Report it on real data next to the generator: a generator that returns
+  real images scores the classifier's own ambiguity, the floor of this metric.
+* :func:`off_mode_rate` / :func:`mode_coverage`: the same question for mixtures with known modes (2-D toy
+  data): a sample is *on mode* c when it lies within ``k * std`` of centre ``mu_c``; samples on no mode fall
+  between modes (mixing), and modes that receive no samples are dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from torch import Tensor
 DEFAULT_TAUS = (0.1, 0.2, 0.3, 0.4)
 
 
-def mode_mixture_rate(probs: Tensor, taus: Sequence[float] = DEFAULT_TAUS, atol: float = 1e-3) -> dict[float, float]:
+def mode_mixture_rate(
+    probs: Tensor, taus: Sequence[float] = DEFAULT_TAUS, atol: float = 1e-3
+) -> dict[float, float]:
     """Share of samples with at least two classes at probability >= tau, for each tau.
 
     Args:
@@ -46,7 +48,8 @@ def _mode_distances(x: Tensor, centers: Tensor, std: float, k: float) -> Tensor:
     """Validated distances (N, K) between samples (N, d) and mode centres (K, d)."""
     if x.ndim != 2 or centers.ndim != 2 or x.shape[1] != centers.shape[1]:
         raise ValueError(
-            f"x must be (N, d) and centers (K, d) with the same d, got {tuple(x.shape)} and {tuple(centers.shape)}"
+            "x must be (N, d) and centers (K, d) with the same d, "
+            f"got {tuple(x.shape)} and {tuple(centers.shape)}"
         )
     if len(x) == 0 or len(centers) == 0:
         raise ValueError(f"x and centers must be non-empty, got {len(x)} samples and {len(centers)} centres")

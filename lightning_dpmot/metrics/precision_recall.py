@@ -1,7 +1,7 @@
 """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019) on features.
 
-A set of feature vectors ``Phi`` defines a manifold: the union of balls ``B(phi, r_k(phi))`` where ``r_k(phi)``
-is the distance from ``phi`` to its k-th nearest neighbour in ``Phi`` (itself excluded). Then
+A set of feature vectors ``Phi`` defines a manifold: the union of balls ``B(phi, r_k(phi))`` where
+``r_k(phi)`` is the distance from ``phi`` to its k-th nearest neighbour in ``Phi`` (itself excluded). Then
 
     precision = share of generated features inside the real manifold,
     recall    = share of real features inside the generated manifold,

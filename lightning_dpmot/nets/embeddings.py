@@ -99,7 +99,9 @@ class FourierEmbedding(nn.Module):
         _check_order(order)
         self.num_channels, self.scale, self.order = num_channels, scale, order
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", torch.randn(num_channels // 2, generator=generator) * scale)
+        # drawn on the CPU (where the generator lives) whatever the default device, then moved with the module
+        freqs = torch.randn(num_channels // 2, generator=generator, device="cpu") * scale
+        self.register_buffer("freqs", freqs)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B,) -> (B, num_channels)."""

@@ -101,15 +101,15 @@ class Resample2d(nn.Module):
         super().__init__()
         if mode not in ("up", "down"):
             raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
-        taps = torch.as_tensor(list(resample_filter), dtype=torch.float32)
-        if taps.ndim != 1 or len(taps) < 1 or taps.sum() == 0:
-            raise ValueError(f"resample_filter must be a non-empty 1-D list with a non-zero sum, got {resample_filter}")
+        taps = [float(t) for t in resample_filter]
+        if not taps or sum(taps) == 0:
+            raise ValueError(f"resample_filter must be a non-empty list with a non-zero sum, got {resample_filter}")
         self.mode = mode
-        self.taps = tuple(int(t) for t in resample_filter)
+        self.taps = tuple(taps)
         self.padding = (len(taps) - 1) // 2 if padding is None else padding
-        kernel = torch.outer(taps, taps) / taps.sum().square()
+        kernel = torch.tensor([[a * b / sum(taps) ** 2 for b in taps] for a in taps], dtype=torch.float32)
         self.register_buffer("filter", rearrange(kernel, "h w -> 1 1 h w"), persistent=False)
-        self.is_box = self.taps == (1, 1) and self.padding == 0
+        self.is_box = self.taps == (1.0, 1.0) and self.padding == 0
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, 2H, 2W) (up) or (B, C, H/2, W/2) (down)."""

@@ -58,16 +58,28 @@ def _as_permutation(cols: np.ndarray | Tensor, n: int, device: torch.device, met
 
 
 def _normalise_for_lapjv(cost: Tensor, warm_start: bool) -> np.ndarray:
-    """Float64, (optionally dual-reduced,) row-reduced, power-of-two scaled C-contiguous copy of the cost."""
-    c = cost.to(torch.float64)
+    """Float64, (optionally dual-reduced,) row-reduced, power-of-two scaled C-contiguous copy of the cost.
+
+    CPU costs are normalised with single-threaded NumPy (no OpenMP start-up or contention for a few O(n^2)
+    passes); GPU costs are normalised on the device and copied once.
+    """
     if warm_start:
         duals = sinkhorn_potentials(cost, reg=WARM_START_REG)
-        c = c - rearrange(duals.f, "n -> n 1") - duals.g
-    c = c - c.min(1, keepdim=True).values
+        reduced = cost.to(torch.float64) - rearrange(duals.f, "n -> n 1") - duals.g
+        return _row_reduce_and_scale(reduced.cpu().numpy())
+    if cost.device.type == "cpu":
+        return _row_reduce_and_scale(cost.numpy().astype(np.float64))
+    c = cost.to(torch.float64)
+    return _row_reduce_and_scale((c - c.min(1, keepdim=True).values).cpu().numpy())
+
+
+def _row_reduce_and_scale(c: np.ndarray) -> np.ndarray:
+    """In place on a float64 array: ``c -= row minima``, then scale by a power of two so the maximum is in [1, 2)."""
+    c -= c.min(1, keepdims=True)
     peak = float(c.max())
     if peak > 0.0:
-        c.mul_(2.0 ** (1 - math.frexp(peak)[1]))  # max now in [1, 2), exact scaling
-    return c.cpu().numpy()
+        c *= 2.0 ** (1 - math.frexp(peak)[1])  # exact scaling
+    return c
 
 
 def solve_lapjv(cost: Tensor, warm_start: bool = False) -> Tensor:

@@ -1,0 +1,96 @@
+"""Every config parses (--print_config) and runs (fast_dev_run); bad keys and types fail with their name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_dpmot.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+FRAGMENTS = {"loggers/wandb.yaml": "quickstart.yaml"}  # partial configs, composed over a full one
+TINY_UNET = [
+    "--model.init_args.net.init_args.model_channels=8",
+    "--model.init_args.net.init_args.num_blocks=1",
+    "--model.init_args.net.init_args.channel_mult=[1,1]",
+    "--model.init_args.net.init_args.attn_resolutions=[16]",
+]
+
+
+def config_args(name: str) -> list[str]:
+    if name in FRAGMENTS:
+        return ["--config", str(REPO / "configs" / FRAGMENTS[name]), "--config", str(REPO / "configs" / name)]
+    return ["--config", str(REPO / "configs" / name)]
+
+
+def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
+    """Make a config cheap enough for one CPU step without changing what it composes."""
+    cfg = yaml.safe_load((REPO / "configs" / (FRAGMENTS.get(name) or name)).read_text())
+    args = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
+    data_cls = cfg.get("data", {}).get("class_path", "")
+    if data_cls.endswith("CIFAR10DataModule"):
+        args += [f"--data.init_args.root={fake_cifar}", "--data.init_args.batch_size=4",
+                 "--data.init_args.num_workers=0"]
+    net_cls = cfg.get("model", {}).get("init_args", {}).get("net", {}).get("class_path", "")
+    if net_cls.endswith("DDPMppUNet") and "cifar" in name:
+        args += TINY_UNET
+    return args
+
+
+def test_configs_exist() -> None:
+    assert "quickstart.yaml" in CONFIGS and "edm/cifar10_ddpmpp.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_print_config(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *config_args(name), "--print_config"])
+    assert exc.value.code in (0, None)
+    dumped = yaml.safe_load(capsys.readouterr().out)
+    assert dumped["seed_everything"] is not None and dumped["seed_everything"] is not True, "explicit seed required"
+    assert "class_path" in dumped["model"] and "class_path" in dumped["data"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", *config_args(name), *fast_overrides(name, tmp_path, fake_cifar10),
+                "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 1
+    assert cli.trainer.callback_metrics["train/loss"].isfinite()
+
+
+def test_unknown_key_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--model.init_args.sigma_dataa=0.5"])
+    assert exc.value.code != 0
+    assert "sigma_dataa" in capsys.readouterr().err
+
+
+def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--data.init_args.batch_size=many"])
+    assert exc.value.code != 0
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_bad_value_is_one_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(REPO / "configs/edm/cifar10_ddpmpp.yaml"), f"--data.init_args.root={tmp_path}/nope",
+              "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.fast_dev_run=1",
+              *TINY_UNET])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "dpmot: error: FileNotFoundError" in err and "nope" in err and "data_batch_1" in err
+
+
+def test_console_script_and_module_entry_point() -> None:
+    for cmd in (["dpmot", "--help"], [sys.executable, "-m", "lightning_dpmot", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "fit" in out.stdout and "predict" in out.stdout

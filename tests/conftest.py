@@ -1,0 +1,35 @@
+"""Shared test setup: offline, quiet, small thread count; a fake CIFAR-10 folder for config tests."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 8, test_size: int = 8, seed: int = 0) -> Path:
+    """Write the six CIFAR-10 python pickle batches with random pixels into ``root/cifar-10-batches-py``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = test_size if name == "test_batch" else per_batch
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path: Path) -> Path:
+    return write_fake_cifar10(tmp_path / "cifar")

@@ -18,16 +18,20 @@ take 150 MB instead of 600 MB): :class:`TensorDictDataset` converts each item to
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from typing_extensions import override
 
+from lightning_dpmot.utils.random import global_seed, make_generator
+
 Split = Literal["train", "val"]
+_SHUFFLE, _FLIP = 11, 12  # generator purpose tags
 
 
 def uint8_to_signed(x: Tensor) -> Tensor:
@@ -71,25 +75,21 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
 
 
 class TensorDictDataset(Dataset):
-    """In-memory dataset of ``x`` (N, *S) with optional labels and random horizontal flips.
+    """In-memory dataset of ``x`` (N, *S) with optional labels.
 
     Args:
         x: (N, *S) float32 in [-1, 1], or uint8 in [0, 255] (converted per item to float32 in [-1, 1]);
             images are (N, C, H, W).
         labels: (N,) int64 class labels, or ``None``.
-        x_flip: flip images left-right with probability 1/2 (images only).
     """
 
-    def __init__(self, x: Tensor, labels: Tensor | None = None, x_flip: bool = False) -> None:
+    def __init__(self, x: Tensor, labels: Tensor | None = None) -> None:
         if x.dtype not in (torch.float32, torch.uint8):
             raise ValueError(f"x must be float32 in [-1, 1] or uint8 in [0, 255], got dtype {x.dtype}")
         if labels is not None and len(labels) != len(x):
             raise ValueError(f"labels has {len(labels)} entries but x has {len(x)}")
-        if x_flip and x.ndim != 4:
-            raise ValueError(f"x_flip needs images (N, C, H, W); got shape {tuple(x.shape)}")
         self.x = x.contiguous()
         self.labels = labels
-        self.x_flip = x_flip
 
     def __len__(self) -> int:
         return len(self.x)
@@ -97,12 +97,53 @@ class TensorDictDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         x = self.x[index]
         x = uint8_to_signed(x) if x.dtype == torch.uint8 else x
-        if self.x_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
         item = {"x": x, "index": torch.tensor(index, dtype=torch.long)}
         if self.labels is not None:
             item["label"] = self.labels[index]
         return item
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """Shuffles with a permutation derived from (seed, epoch) only, so a resumed run replays the same order.
+
+    Lightning calls :meth:`set_epoch` every epoch; under DDP it replaces this sampler (a ``RandomSampler``) by a
+    ``DistributedSampler``, which is seeded from the run's seed and epoch in the same spirit.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        seed = self.seed if self.seed is not None else global_seed()
+        gen = make_generator(seed, self.epoch, _SHUFFLE)
+        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
+
+
+def x_flip_mask(index: Tensor, num_items: int, seed: int, epoch: int) -> Tensor:
+    """Which items are flipped this epoch: one fair coin per (seed, epoch, dataset index).
+
+    Args:
+        index: (B,) dataset indices of a batch; num_items: dataset size.
+    Returns:
+        (B,) bool on ``index``'s device; the same on every rank and in a resumed run.
+    """
+    coins = torch.randint(0, 2, (num_items,), generator=make_generator(seed, epoch, _FLIP), dtype=torch.uint8)
+    return coins.bool()[index.cpu()].to(index.device)
+
+
+def apply_x_flip(batch: dict[str, Tensor], num_items: int, seed: int, epoch: int) -> dict[str, Tensor]:
+    """Flip ``batch["x"]`` (B, C, H, W) left-right where :func:`x_flip_mask` says so (in place on the dict)."""
+    x = batch["x"]
+    if x.ndim != 4:
+        raise ValueError(f"x_flip needs images (B, C, H, W); got shape {tuple(x.shape)}")
+    mask = x_flip_mask(batch["index"], num_items, seed, epoch).reshape(-1, 1, 1, 1)
+    batch["x"] = torch.where(mask, x.flip(-1), x)
+    return batch
 
 
 class SeedDataset(Dataset):
@@ -132,7 +173,8 @@ class DiffusionDataModule(L.LightningDataModule):
         batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
         val_batch_size: per-device batch size for validation / test (default: ``batch_size``).
         num_workers: DataLoader workers.
-        x_flip: random horizontal flips of training images (EDM's x-flip augmentation).
+        x_flip: random horizontal flips of training images (EDM's x-flip augmentation), applied to each batch
+            after it reaches the device; the coin for each image depends only on (seed, epoch, index).
         predict_num_samples: how many samples ``dpmot predict`` generates.
         predict_batch_size: per-device batch size for generation.
         predict_seed_offset: first per-sample seed for generation.
@@ -191,7 +233,7 @@ class DiffusionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededRandomSampler(dataset) if shuffle else None,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -207,6 +249,13 @@ class DiffusionDataModule(L.LightningDataModule):
             )
         # drop_last: every rank sees equally shaped batches, which all_gather-based couplings need.
         return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if self.x_flip and trainer is not None and trainer.training and isinstance(batch, dict) and "index" in batch:
+            apply_x_flip(batch, len(self.dataset("train")), global_seed(), trainer.current_epoch)
+        return batch
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -275,5 +275,5 @@ class CIFAR10DataModule(DiffusionDataModule):
                 raise ValueError(f"subset={limit} but {folder} holds only {len(x)} training images")
             x, y = x[:limit], y[:limit]
         return TensorDictDataset(
-            torch.from_numpy(x), torch.from_numpy(y), x_flip=self.x_flip and split == "train"
+            torch.from_numpy(x), torch.from_numpy(y)
         )

@@ -147,4 +147,4 @@ class DigitsDataModule(DiffusionDataModule):
         idx = self.indices(split)
         images, labels = load_digits_arrays()
         x = digits_to_signed(images[idx], self.resolution)
-        return TensorDictDataset(x, torch.from_numpy(labels[idx]), x_flip=self.x_flip and split == "train")
+        return TensorDictDataset(x, torch.from_numpy(labels[idx]))

@@ -71,24 +71,19 @@ class ImageFileDataset(Dataset):
         labels: (N,) int64 class labels, or ``None``.
         resolution: output side R; items are ``x`` (channels, R, R) float32 in [-1, 1].
         channels: 1 (grayscale) or 3 (RGB).
-        x_flip: flip left-right with probability 1/2.
     """
 
-    def __init__(
-        self, paths: list[Path], labels: Tensor | None, resolution: int, channels: int, x_flip: bool = False
-    ) -> None:
+    def __init__(self, paths: list[Path], labels: Tensor | None, resolution: int, channels: int) -> None:
         if labels is not None and len(labels) != len(paths):
             raise ValueError(f"labels has {len(labels)} entries but there are {len(paths)} paths")
         self.paths, self.labels = list(paths), labels
-        self.resolution, self.channels, self.x_flip = resolution, channels, x_flip
+        self.resolution, self.channels = resolution, channels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         x = uint8_to_signed(load_image(self.paths[index], self.resolution, self.channels))
-        if self.x_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
         item = {"x": x, "index": torch.tensor(index, dtype=torch.long)}
         if self.labels is not None:
             item["label"] = self.labels[index]
@@ -214,5 +209,4 @@ class ImageFolderDataModule(DiffusionDataModule):
             split_labels,
             self.resolution,
             self.channels,
-            x_flip=self.x_flip and split == "train",
         )

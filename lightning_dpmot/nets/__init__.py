@@ -3,7 +3,8 @@
 Every net follows one interface (the LightningModules rely on it)::
 
     net = SomeNet(data_shape, num_classes, **architecture_kwargs)
-    out = net(x, noise_labels, class_labels)  # x: (B, *data_shape), noise_labels: (B,), labels: (B,) int64 | None
+    out = net(x, noise_labels, class_labels)
+    # x: (B, *data_shape); noise_labels: (B,) float; class_labels: (B,) int64 or None; out: like x
 
 ``class_labels == -1`` (or ``None``) is the "no class" label of classifier-free guidance; unconditional nets
 (``num_classes == 0``) ignore ``class_labels``.

@@ -55,14 +55,23 @@ class PositionalEmbedding(nn.Module):
     freqs: Tensor
 
     def __init__(
-        self, num_channels: int, max_positions: float = 10_000.0, endpoint: bool = False, order: Order = "cos_sin"
+        self,
+        num_channels: int,
+        max_positions: float = 10_000.0,
+        endpoint: bool = False,
+        order: Order = "cos_sin",
     ) -> None:
         super().__init__()
         _check_channels(num_channels)
         _check_order(order)
         if endpoint and num_channels < 4:
             raise ValueError(f"endpoint=True needs num_channels >= 4, got {num_channels}")
-        self.num_channels, self.max_positions, self.endpoint, self.order = num_channels, max_positions, endpoint, order
+        self.num_channels, self.max_positions, self.endpoint, self.order = (
+            num_channels,
+            max_positions,
+            endpoint,
+            order,
+        )
         half = num_channels // 2
         exponent = torch.arange(half, dtype=torch.float64) / (half - 1 if endpoint else half)
         self.register_buffer("freqs", (1.0 / max_positions) ** exponent.float(), persistent=False)
@@ -72,15 +81,18 @@ class PositionalEmbedding(nn.Module):
         return _sinusoids(torch.outer(x, self.freqs.to(x.dtype)), self.order)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, max_positions={self.max_positions}, endpoint={self.endpoint}, order={self.order}"
+        return (
+            f"{self.num_channels}, max_positions={self.max_positions}, endpoint={self.endpoint}, "
+            f"order={self.order}"
+        )
 
 
 class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi f x), sin(2 pi f x)]`` with ``f ~ N(0, scale^2)``.
 
     ``freqs`` is sampled from ``torch.Generator().manual_seed(seed)``, never from the global RNG, so two
-    constructions with the same ``num_channels``, ``scale`` and ``seed`` give identical buffers (DDP ranks agree
-    even when the buffer is not broadcast). It is a persistent buffer, so checkpoints carry it.
+    constructions with the same ``num_channels``, ``scale`` and ``seed`` give identical buffers (DDP ranks
+    agree even when the buffer is not broadcast). It is a persistent buffer, so checkpoints carry it.
 
     Args:
         num_channels: output width N (even).
@@ -123,7 +135,7 @@ def noise_embedding(
 
 
 def check_class_labels(class_labels: Tensor, num_classes: int, batch_size: int) -> None:
-    """Raise ValueError unless class_labels is a (batch_size,) integer tensor with values in [-1, num_classes).
+    """Raise ValueError unless class_labels is a (batch_size,) integer tensor with values in [-1, K).
 
     The range check reads the values (a device sync on accelerators); it is skipped while ``torch.compile``
     traces the model.

@@ -5,8 +5,8 @@ Conventions follow EDM (Karras et al. 2022, ``training/networks.py``):
 * weights are xavier-uniform with a gain (1 for the trunk, sqrt(0.2) for the attention qkv, 1e-5 for the last
   conv of each residual branch, the attention output projection and the network's output conv), biases zero;
 * GroupNorm with ``min(32, C // 4)`` groups and eps 1e-6;
-* resampling with a separable FIR filter: ``[1, 1]`` is a 2x2 box (average pooling down, nearest-neighbour up),
-  ``[1, 3, 3, 1]`` the NCSN++ filter;
+* resampling with a separable FIR filter: ``[1, 1]`` is a 2x2 box (average pooling down, nearest-neighbour
+  up), ``[1, 3, 3, 1]`` the NCSN++ filter;
 * residual branches and attention are summed with the identity and scaled by ``skip_scale`` (1/sqrt(2)).
 """
 
@@ -40,7 +40,9 @@ def linear(in_features: int, out_features: int, bias: bool = True, gain: float =
     return xavier_init_(nn.Linear(in_features, out_features, bias=bias), gain)  # type: ignore[return-value]
 
 
-def conv2d(in_channels: int, out_channels: int, kernel: int, gain: float = 1.0, padding: int | None = None) -> nn.Conv2d:
+def conv2d(
+    in_channels: int, out_channels: int, kernel: int, gain: float = 1.0, padding: int | None = None
+) -> nn.Conv2d:
     """Stride-1 ``nn.Conv2d`` with EDM's xavier-uniform init; "same" padding unless given."""
     padding = kernel // 2 if padding is None else padding
     conv = nn.Conv2d(in_channels, out_channels, kernel, padding=padding)
@@ -60,7 +62,9 @@ def noise_vector(noise_labels: Tensor | float, batch: int, device: torch.device)
     if noise_labels.ndim == 0:
         noise_labels = noise_labels.expand(batch)
     if noise_labels.shape != (batch,):
-        raise ValueError(f"noise_labels must have shape ({batch},) or be a scalar, got {tuple(noise_labels.shape)}")
+        raise ValueError(
+            f"noise_labels must have shape ({batch},) or be a scalar, got {tuple(noise_labels.shape)}"
+        )
     return noise_labels.to(torch.float32)
 
 
@@ -86,7 +90,7 @@ class Resample2d(nn.Module):
 
     ``down``: ``conv2d(x, filter, stride=2, padding=padding)`` per channel. ``up``: the transposed conv with
     ``4 * filter`` (so a constant image stays constant). The default padding ``(len(f) - 1) // 2`` maps H to
-    exactly 2H / H/2. For the box filter ``[1, 1]`` (with padding 0) the same operators run as
+    exactly 2H / H/2. For the box filter ``[1, 1]`` (padding 0) the same operators run as
     ``avg_pool2d`` / nearest-neighbour interpolation, which give identical results and are much faster.
 
     Args:
@@ -97,19 +101,23 @@ class Resample2d(nn.Module):
 
     filter: Tensor
 
-    def __init__(self, mode: Literal["up", "down"], resample_filter: Sequence[int] = (1, 1), padding: int | None = None):
+    def __init__(
+        self, mode: Literal["up", "down"], resample_filter: Sequence[int] = (1, 1), padding: int | None = None
+    ) -> None:
         super().__init__()
         if mode not in ("up", "down"):
             raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
         taps = [float(t) for t in resample_filter]
         if not taps or sum(taps) == 0:
-            raise ValueError(f"resample_filter must be a non-empty list with a non-zero sum, got {resample_filter}")
+            raise ValueError(
+                f"resample_filter must be a non-empty list with a non-zero sum, got {resample_filter}"
+            )
         self.mode = mode
         self.taps = tuple(taps)
         self.padding = (len(taps) - 1) // 2 if padding is None else padding
         kernel = torch.tensor([[a * b / sum(taps) ** 2 for b in taps] for a in taps], dtype=torch.float32)
         self.register_buffer("filter", rearrange(kernel, "h w -> 1 1 h w"), persistent=False)
-        self.is_box = self.taps == (1.0, 1.0) and self.padding == 0
+        self.is_box = len(taps) == 2 and taps[0] == taps[1] and self.padding == 0
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, 2H, 2W) (up) or (B, C, H/2, W/2) (down)."""

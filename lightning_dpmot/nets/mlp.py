@@ -1,10 +1,10 @@
 """Residual MLP denoiser for low-dimensional toy data (2-D mixtures, rings, moons).
 
 Same conditioning scheme as the DDPM++ U-Net, on vectors instead of feature maps: the noise label is embedded
-(sinusoids), the optional class adds ``Linear(one-hot * sqrt(K))``, a two-layer MLP maps this to a conditioning
-vector ``emb``, and every residual block adds ``affine(emb)`` to its hidden activation. The last layer of each
-residual branch and the output layer start near zero (gain 1e-5), so a fresh net is close to the identity on
-its hidden state and outputs nearly zero.
+(sinusoids), the optional class adds ``Linear(one-hot * sqrt(K))``, a two-layer MLP maps this to a
+conditioning vector ``emb``, and every residual block adds ``affine(emb)`` to its hidden activation. The
+last layer of each residual branch and the output layer start near zero (gain 1e-5), so a fresh net is close
+to the identity on its hidden state and outputs nearly zero.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ class MLPDenoiserNet(nn.Module):
         self.map_layer1 = linear(hidden, hidden)
 
         self.input = linear(dim, hidden)
-        self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, hidden, dropout, layer_norm) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            ResidualMLPBlock(hidden, hidden, dropout, layer_norm) for _ in range(num_layers)
+        )
         self.out_norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()
         self.output = linear(hidden, dim, gain=GAIN_ZERO)
 
@@ -108,7 +110,7 @@ class MLPDenoiserNet(nn.Module):
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """x: (B, D); noise_labels: (B,) or scalar float; class_labels: (B,) int64 in [-1, K) or None -> (B, D)."""
+        """x: (B, D); noise_labels: (B,) or scalar; class_labels: (B,) int64 in [-1, K) or None -> (B, D)."""
         batch = check_batch(x, self.data_shape)
         emb = self.embed(noise_vector(noise_labels, batch, x.device), class_labels)
         h = self.input(x)

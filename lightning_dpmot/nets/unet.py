@@ -2,10 +2,11 @@
 
 Layout for ``channel_mult = [2, 2, 2]`` on 32x32 (EDM's CIFAR-10 DDPM++, 55.73 M parameters):
 
-* mapping: noise embedding of ``noise_labels`` (positional, 128 ch, sin/cos order) [+ Linear(one-hot * sqrt(K))
-  for classes] [+ Linear(augment labels)] -> Linear -> SiLU -> Linear -> SiLU, width ``4 * model_channels``;
-* encoder: 3x3 input conv to ``model_channels``; per level a down block (levels > 0) and ``num_blocks`` residual
-  blocks; every output is kept as a skip;
+* mapping: noise embedding of ``noise_labels`` (positional, 128 ch, sin/cos order)
+  [+ Linear(one-hot * sqrt(K)) for classes] [+ Linear(augment labels)] -> Linear -> SiLU -> Linear -> SiLU,
+  width ``4 * model_channels``;
+* encoder: 3x3 input conv to ``model_channels``; per level a down block (levels > 0) and ``num_blocks``
+  residual blocks; every output is kept as a skip;
 * decoder: at the lowest level two blocks ("in0" with self-attention, "in1"); per level an up block (levels
   < max) and ``num_blocks + 1`` blocks that each concatenate one skip; attention on the last block of a level
   in ``attn_resolutions`` (every encoder block at such a level has it too);
@@ -54,7 +55,8 @@ def check_image_shape(data_shape: Sequence[int], num_levels: int) -> tuple[int, 
     factor = 2 ** (num_levels - 1)
     if height % factor:
         raise ValueError(
-            f"resolution {height} of data_shape {shape} is not divisible by 2**(len(channel_mult)-1) = {factor}"
+            f"resolution {height} of data_shape {shape} is not divisible by "
+            f"2**(len(channel_mult)-1) = {factor}"
         )
     return channels, height
 
@@ -64,8 +66,8 @@ class DDPMppUNet(nn.Module):
 
     ``forward(x, noise_labels, class_labels)`` returns F_theta(x; c_noise) with the shape of x. With
     ``num_classes == 0`` the net is unconditional and **ignores** ``class_labels`` (data loaders pass labels
-    whether or not the model uses them). With classes, label -1 (or ``class_labels=None``) is the null class: an
-    all-zero one-hot, so only the label map's bias enters, exactly as in EDM's label dropout.
+    whether or not the model uses them). With classes, label -1 (or ``class_labels=None``) is the null class:
+    an all-zero one-hot, so only the label map's bias enters, exactly as in EDM's label dropout.
 
     Args:
         data_shape: (C, H, W) of one sample; square, H divisible by 2**(len(channel_mult) - 1).
@@ -107,11 +109,15 @@ class DDPMppUNet(nn.Module):
         resolutions = [resolution >> level for level in range(len(channel_mult))]
         unknown = sorted(set(attn_resolutions) - set(resolutions))
         if unknown:
-            raise ValueError(f"attn_resolutions {unknown} are not among the U-Net's resolutions {resolutions}")
+            raise ValueError(
+                f"attn_resolutions {unknown} are not among the U-Net's resolutions {resolutions}"
+            )
         if num_classes < 0 or augment_dim < 0:
             raise ValueError(f"num_classes and augment_dim must be >= 0, got {num_classes} and {augment_dim}")
         if model_channels < 1 or num_blocks < 1:
-            raise ValueError(f"model_channels and num_blocks must be >= 1, got {model_channels} and {num_blocks}")
+            raise ValueError(
+                f"model_channels and num_blocks must be >= 1, got {model_channels} and {num_blocks}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if encoder_type not in ("standard", "residual"):
@@ -121,7 +127,9 @@ class DDPMppUNet(nn.Module):
         self.num_classes, self.augment_dim = num_classes, augment_dim
         noise_channels = model_channels * channel_mult_noise
         emb_channels = model_channels * channel_mult_emb
-        block_kwargs = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=tuple(resample_filter))
+        block_kwargs = dict(
+            emb_channels=emb_channels, dropout=dropout, resample_filter=tuple(resample_filter)
+        )
 
         # Mapping network. SongUNet swaps EDM's cos/sin embedding to sin first.
         self.map_noise = noise_embedding(embedding_type, noise_channels, order="sin_cos")
@@ -136,7 +144,7 @@ class DDPMppUNet(nn.Module):
         self.enc[f"{resolution}x{resolution}_conv"] = conv2d(in_channels, model_channels, kernel=3)
         skip_channels = [model_channels]
         cout, caux = model_channels, in_channels
-        for level, (res, mult) in enumerate(zip(resolutions, channel_mult)):
+        for level, (res, mult) in enumerate(zip(resolutions, channel_mult, strict=True)):
             if level > 0:
                 name = f"{res}x{res}_down"
                 self.enc[name] = UNetBlock(cout, cout, resample="down", **block_kwargs)
@@ -145,7 +153,9 @@ class DDPMppUNet(nn.Module):
                     self.enc_aux[name] = _FusedDownConv(caux, cout, tuple(resample_filter))
                     caux = cout
             for idx in range(num_blocks):
-                block = UNetBlock(cout, model_channels * mult, attention=res in attn_resolutions, **block_kwargs)
+                block = UNetBlock(
+                    cout, model_channels * mult, attention=res in attn_resolutions, **block_kwargs
+                )
                 self.enc[f"{res}x{res}_block{idx}"] = block
                 cout = block.out_channels
                 skip_channels.append(cout)
@@ -164,7 +174,9 @@ class DDPMppUNet(nn.Module):
                 dec_skip.append(False)
             for idx in range(num_blocks + 1):
                 attn = idx == num_blocks and res in attn_resolutions
-                block = UNetBlock(cout + skip_channels.pop(), model_channels * mult, attention=attn, **block_kwargs)
+                block = UNetBlock(
+                    cout + skip_channels.pop(), model_channels * mult, attention=attn, **block_kwargs
+                )
                 self.dec[f"{res}x{res}_block{idx}"] = block
                 cout = block.out_channels
                 dec_skip.append(True)
@@ -172,8 +184,14 @@ class DDPMppUNet(nn.Module):
         self.out_norm = group_norm(cout)
         self.out_conv = conv2d(cout, in_channels, kernel=3, gain=GAIN_ZERO)
 
-    def embed(self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
-        """Conditioning vector: noise_labels (B,), class_labels (B,) | None, augment (B, A) | None -> (B, E)."""
+    def embed(
+        self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None
+    ) -> Tensor:
+        """Conditioning vector from noise_labels (B,), class_labels (B,) | None, augment (B, A) | None.
+
+        Returns:
+            (B, model_channels * channel_mult_emb)
+        """
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
             if class_labels is None:
@@ -213,7 +231,7 @@ class DDPMppUNet(nn.Module):
                 x = aux = (x + self.enc_aux[name](aux)) * math.sqrt(0.5)
             skips.append(x)
 
-        for takes_skip, block in zip(self._dec_skip, self.dec.values()):
+        for takes_skip, block in zip(self._dec_skip, self.dec.values(), strict=True):
             if takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
@@ -221,7 +239,7 @@ class DDPMppUNet(nn.Module):
 
 
 class _FusedDownConv(nn.Module):
-    """NCSN++ residual-encoder path: 3x3 conv (padding 1 + filter padding) then FIR downsampling, no padding."""
+    """NCSN++ residual-encoder path: 3x3 conv (padding 1 + filter padding), then FIR downsampling (no pad)."""
 
     def __init__(self, in_channels: int, out_channels: int, resample_filter: Sequence[int]) -> None:
         super().__init__()

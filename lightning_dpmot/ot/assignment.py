@@ -60,17 +60,14 @@ def _as_permutation(cols: np.ndarray | Tensor, n: int, device: torch.device, met
 def _normalise_for_lapjv(cost: Tensor, warm_start: bool) -> np.ndarray:
     """Float64, (optionally dual-reduced,) row-reduced, power-of-two scaled C-contiguous copy of the cost.
 
-    CPU costs are normalised with single-threaded NumPy (no OpenMP start-up or contention for a few O(n^2)
-    passes); GPU costs are normalised on the device and copied once.
+    The normalisation runs in single-threaded NumPy on the host (a few O(n^2) passes; no OpenMP start-up or
+    contention); a GPU cost crosses to the host once, in its own dtype.
     """
     if warm_start:
         duals = sinkhorn_potentials(cost, reg=WARM_START_REG)
         reduced = cost.to(torch.float64) - rearrange(duals.f, "n -> n 1") - duals.g
         return _row_reduce_and_scale(reduced.cpu().numpy())
-    if cost.device.type == "cpu":
-        return _row_reduce_and_scale(cost.numpy().astype(np.float64))
-    c = cost.to(torch.float64)
-    return _row_reduce_and_scale((c - c.min(1, keepdim=True).values).cpu().numpy())
+    return _row_reduce_and_scale(cost.cpu().numpy().astype(np.float64))
 
 
 def _row_reduce_and_scale(c: np.ndarray) -> np.ndarray:

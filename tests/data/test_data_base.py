@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from lightning_dpmot.data.base import DiffusionDataModule, Split, TensorDictDataset, split_indices
+from lightning_dpmot.data.base import (
+    DiffusionDataModule,
+    EpochSeededRandomSampler,
+    Split,
+    TensorDictDataset,
+    apply_x_flip,
+    split_indices,
+    x_flip_mask,
+)
 
 
 class _Ramp(DiffusionDataModule):
@@ -61,8 +69,6 @@ def test_uint8_storage_is_converted_per_item() -> None:
 def test_tensor_dict_dataset_rejects_other_dtypes_and_flipping_points() -> None:
     with pytest.raises(ValueError, match="got dtype torch.float64"):
         TensorDictDataset(torch.zeros(2, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"x_flip needs images \(N, C, H, W\); got shape \(2, 3\)"):
-        TensorDictDataset(torch.zeros(2, 3), x_flip=True)
     with pytest.raises(ValueError, match="labels has 1 entries but x has 2"):
         TensorDictDataset(torch.zeros(2, 3), torch.zeros(1, dtype=torch.long))
 
@@ -103,3 +109,52 @@ def test_predict_loader_yields_consecutive_seeds_from_the_offset() -> None:
 def test_base_arguments_are_validated(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _Ramp(**kwargs)
+
+
+def test_x_flip_mask_is_a_fixed_coin_per_seed_epoch_and_item() -> None:
+    index = torch.arange(1000)
+    m0 = x_flip_mask(index, 1000, seed=3, epoch=0)
+    assert torch.equal(m0, x_flip_mask(index, 1000, seed=3, epoch=0))  # reproducible (resume, every rank)
+    assert 400 < int(m0.sum()) < 600  # a fair coin
+    assert not torch.equal(m0, x_flip_mask(index, 1000, seed=3, epoch=1))  # new coins every epoch
+    assert not torch.equal(m0, x_flip_mask(index, 1000, seed=4, epoch=0))
+    assert torch.equal(x_flip_mask(index[[5, 7]], 1000, 3, 0), m0[[5, 7]])  # depends on the index only
+
+
+def test_apply_x_flip_flips_exactly_the_masked_images() -> None:
+    x = torch.randn(6, 1, 4, 4)
+    batch = {"x": x.clone(), "index": torch.tensor([0, 1, 2, 3, 4, 5])}
+    mask = x_flip_mask(batch["index"], 10, 0, 2)
+    apply_x_flip(batch, 10, 0, 2)
+    for i in range(6):
+        assert torch.equal(batch["x"][i], x[i].flip(-1) if mask[i] else x[i])
+    with pytest.raises(ValueError, match="x_flip needs images"):
+        apply_x_flip({"x": torch.zeros(2, 3), "index": torch.tensor([0, 1])}, 2, 0, 0)
+
+
+def test_datamodule_flips_only_training_batches() -> None:
+    from types import SimpleNamespace
+
+    from lightning_dpmot.data import DigitsDataModule
+
+    dm = DigitsDataModule(resolution=8, x_flip=True, batch_size=32)
+    batch = next(iter(dm.val_dataloader()))
+    x = batch["x"].clone()
+    dm.trainer = SimpleNamespace(training=False, current_epoch=0)
+    assert torch.equal(dm.on_after_batch_transfer(dict(batch), 0)["x"], x)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    flipped = dm.on_after_batch_transfer(dict(batch), 0)["x"]
+    n_train = len(dm.dataset("train"))
+    mask = x_flip_mask(batch["index"], n_train, 0, 0)
+    assert torch.equal(flipped[mask], x[mask].flip(-1)) and torch.equal(flipped[~mask], x[~mask])
+    assert 0 < int(mask.sum()) < len(mask)
+
+
+def test_epoch_seeded_sampler_replays_the_same_order() -> None:
+    data = torch.arange(50)
+    s = EpochSeededRandomSampler(data, seed=1)
+    first = list(s)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    assert list(EpochSeededRandomSampler(data, seed=1)) == first
+    s.set_epoch(1)
+    assert list(s) != first

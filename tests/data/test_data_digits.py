@@ -86,25 +86,6 @@ def test_loaders_yield_labelled_dict_batches_and_drop_the_last_partial_batch() -
     assert torch.equal(torch.cat([b["label"] for b in val]), torch.from_numpy(labels[dm.indices("val")]))
 
 
-def test_x_flip_flips_exactly_the_pixels_and_only_for_training() -> None:
-    plain = DigitsDataModule(resolution=16).dataset("train")
-    flipped = DigitsDataModule(resolution=16, x_flip=True)
-    dataset = flipped.dataset("train")
-    torch.manual_seed(0)
-    flips = 0
-    for i in range(64):
-        x, ref = dataset[i]["x"], plain[i]["x"]
-        assert not torch.equal(ref, ref.flip(-1))
-        if torch.equal(x, ref.flip(-1)):
-            flips += 1
-        else:
-            assert torch.equal(x, ref)
-    assert 16 < flips < 48
-    assert all(torch.equal(plain[i]["x"], plain.x[i]) for i in range(64))  # no flip without x_flip
-    val = flipped.dataset("val")
-    assert all(torch.equal(val[i]["x"], val.x[i]) for i in range(64))
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

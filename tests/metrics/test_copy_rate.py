@@ -24,7 +24,7 @@ def test_nearest_neighbors_match_brute_force(k: int) -> None:
 
 
 def test_chunked_equals_unchunked_exactly() -> None:
-    q, r = _points(101, 30, 2), _points(203, 30, 3)
+    q, r = _points(41, 30, 2), _points(67, 30, 3)
     whole = nearest_neighbors(q, r, k=3, chunk_size=10_000)
     for chunk in (1, 7, 64):
         dist, idx = nearest_neighbors(q, r, k=3, chunk_size=chunk)

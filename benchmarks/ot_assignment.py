@@ -91,11 +91,15 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device) -> dict[s
 
     times: dict[str, list[float]] = {name: [] for name in args.methods}
     perms: dict[str, Tensor] = {}
-    for _ in range(args.repeats):
+    start, passes = time.perf_counter(), 0
+    # round-robin passes: at least --repeats, more (up to --max-repeats) while under --min-time seconds
+    while passes < args.repeats or (time.perf_counter() - start < args.min_time and passes < args.max_repeats):
         for name in args.methods:
             method, options = SOLVERS[name]
             ms, perms[name] = timed(lambda: solve_assignment(cost, method, **options), device)  # noqa: B023
             times[name].append(ms)
+        passes += 1
+    rows["_reduction"] = {"passes": passes}
 
     cost64 = cost.double()
     optimum = float(assignment_cost(cost64, perms["scipy"]))
@@ -110,13 +114,24 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device) -> dict[s
             "gap": (total - optimum) / optimum,
             "share": (random_total - total) / (random_total - optimum),
         }
-    rows["_reduction"] = {"pct": 100.0 * (random_total - optimum) / random_total}
+    rows["_reduction"]["pct"] = 100.0 * (random_total - optimum) / random_total
     return rows
+
+
+def warm_up(args: argparse.Namespace, device: torch.device) -> None:
+    """One untimed run of the cost and every solver on a small problem (lazy initialisation, caches)."""
+    g = torch.Generator().manual_seed(args.seed)
+    images = structured_images(64, args.resolution, g).to(device)
+    cost = pairwise_cost(images, torch.randn(images.shape, generator=g).to(device), args.cost)
+    for name in args.methods:
+        method, options = SOLVERS[name]
+        solve_assignment(cost, method, **options)
 
 
 def print_table(n: int, rows: dict[str, dict[str, float]]) -> None:
     cm = rows["cost matrix"]
-    print(f"\nn = {n}  (optimum is {rows['_reduction']['pct']:.2f} % below random pairing)")
+    info = rows["_reduction"]
+    print(f"\nn = {n}  (optimum {info['pct']:.2f} % below random pairing; median of {info['passes']} passes)")
     print(f"  {'cost matrix':<16}{cm['ms']:>10.1f} ms   torch.cdist {cm['x_base']:.1f} ms   max |diff| {cm['err']:.1e}")
     print(f"  {'solver':<16}{'ms':>10}{'x scipy':>10}{'rel gap':>12}{'share':>9}")
     for name, r in rows.items():
@@ -151,7 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]; cost and device solvers run there")
     parser.add_argument("--cost", choices=["l2", "sqeuclidean"], default="l2")
     parser.add_argument("--methods", nargs="+", choices=list(SOLVERS), default=list(SOLVERS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="minimum timed passes per size (median reported)")
+    parser.add_argument("--min-time", type=float, default=2.0, help="keep adding passes until this many seconds")
+    parser.add_argument("--max-repeats", type=int, default=15, help="cap on passes per size")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--resolution", type=int, default=32, help="image side R; d = 3 R^2 (3072 at 32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -163,9 +181,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device}, torch threads {torch.get_num_threads()}, load average {load:.1f}, cost {args.cost}, "
           f"d = {3 * args.resolution**2}, repeats {args.repeats}")
+    warm_up(args, device)
     results = {}
     for n in args.sizes:
         results[n] = bench_size(n, args, device)

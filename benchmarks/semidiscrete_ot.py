@@ -1,12 +1,13 @@
 """Throughput and memory of one semi-discrete OT iteration against a bare matmul measured in the same run.
 
 One potential iteration (``SemiDiscreteOT.cell_masses`` at M samples: RNG, blocked fp32 GEMM with h folded in,
-running argmax, bincount) is timed against the bare GEMM of the same shapes, (M x d) @ (d x N), run in the same
-row blocks with preallocated inputs and outputs (no RNG, no reduction). The ratio bare / iteration is the fraction
-of matmul throughput the solver reaches; PASS needs >= 70 %. Also timed: the ways of adding h to a score block
-(``addmm`` as used, ``mm`` then ``add_``, a GEMM on operands augmented with a ones/h column) and antithetic
-sampling. Peak working memory of ``cell_masses`` is measured for several M (``torch.cuda.max_memory_allocated`` on
-CUDA; on CPU the peak-RSS increase in a fresh subprocess per M, since tracemalloc does not see torch's allocator).
+running argmax, bincount) is timed against the bare GEMM of the same shapes, (M x d) @ (d x N), run in the
+same row blocks with preallocated inputs and outputs (no RNG, no reduction). The ratio bare / iteration is the
+fraction of matmul throughput the solver reaches; PASS needs >= 70 %. Also timed: the ways of adding h to a
+score block (``addmm`` as used, ``mm`` then ``add_``, a GEMM on operands augmented with a ones/h column) and
+antithetic sampling. Peak working memory of ``cell_masses`` is measured for several M
+(``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak-RSS increase in a fresh subprocess per M, since
+tracemalloc does not see torch's allocator).
 
 Examples::
 
@@ -52,8 +53,13 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
 def make_solver(args: argparse.Namespace, device: torch.device, antithetic: bool = False) -> SemiDiscreteOT:
     gen = torch.Generator().manual_seed(0)
     targets = torch.randn(args.num_targets, args.dim, generator=gen)
-    solver = SemiDiscreteOT(targets, num_mc_samples=args.num_samples, chunk_size=args.chunk_size,
-                            target_chunk_size=args.target_chunk_size, antithetic=antithetic).to(device)
+    solver = SemiDiscreteOT(
+        targets,
+        num_mc_samples=args.num_samples,
+        chunk_size=args.chunk_size,
+        target_chunk_size=args.target_chunk_size,
+        antithetic=antithetic,
+    ).to(device)
     solver.h.copy_(torch.randn(args.num_targets, generator=gen).mul_(0.1 * solver.score_scale))
     return solver
 
@@ -116,7 +122,9 @@ def peak_memory(args: argparse.Namespace, num_samples: int) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     cmd = [sys.executable, __file__, "--probe-memory", str(num_samples)] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("probe_memory", "memory_samples")
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("probe_memory", "memory_samples")
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
@@ -142,8 +150,11 @@ def main() -> None:
     parser.add_argument("--target-chunk-size", type=int, default=8192, help="targets per GEMM block")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    parser.add_argument("--memory-samples", default="", help="comma-separated M for the memory table "
-                        "(default: M/2, M, 2M, 4M)")
+    parser.add_argument(
+        "--memory-samples",
+        default="",
+        help="comma-separated M for the memory table (default: M/2, M, 2M, 4M)",
+    )
     parser.add_argument("--probe-memory", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -157,8 +168,10 @@ def main() -> None:
     solver = make_solver(args, device)
     m_eff = int(solver.num_mc_samples)
     flop = 2.0 * m_eff * n * d
-    print(f"N={n} d={d} M={m_eff} chunk={args.chunk_size} target_chunk={args.target_chunk_size} "
-          f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(
+        f"N={n} d={d} M={m_eff} chunk={args.chunk_size} target_chunk={args.target_chunk_size} "
+        f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}"
+    )
 
     t_bare = best_time(bare_matmul(solver, m_eff), device, args.repeats)
     t_iter = best_time(lambda: solver.cell_masses(), device, args.repeats)
@@ -170,16 +183,24 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| bare matmul (M x d) @ (d x N) | {t_bare:.3f} | {flop / t_bare / 1e9:.1f} | 1.00 |")
     print(f"| cell_masses (one iteration) | {t_iter:.3f} | {flop / t_iter / 1e9:.1f} | {ratio:.2f} |")
-    print(f"| cell_masses, antithetic | {t_anti:.3f} | {flop / t_anti / 1e9:.1f} (M samples) | {t_bare / t_anti:.2f} |")
+    print(
+        f"| cell_masses, antithetic | {t_anti:.3f} | {flop / t_anti / 1e9:.1f} (M samples) "
+        f"| {t_bare / t_anti:.2f} |"
+    )
     print(f"| RNG alone (M x d normals, per chunk) | {t_rng:.3f} | | |")
-    print(f"\nthroughput ratio {ratio:.1%} of bare matmul: {'PASS' if ratio >= 0.70 else 'FAIL'} (target >= 70 %)")
+    print(
+        f"\nthroughput ratio {ratio:.1%} of bare matmul: "
+        f"{'PASS' if ratio >= 0.70 else 'FAIL'} (target >= 70 %)"
+    )
 
     print("\n| one (chunk x target block) score block + row max | time [ms] |")
     print("|---|---|")
     for name, fn in fold_variants(solver).items():
         print(f"| {name} | {best_time(fn, device, args.repeats) * 1e3:.1f} |")
 
-    sizes = [int(s) for s in args.memory_samples.split(",")] if args.memory_samples else [m // 2, m, 2 * m, 4 * m]
+    sizes = (
+        [int(s) for s in args.memory_samples.split(",")] if args.memory_samples else [m // 2, m, 2 * m, 4 * m]
+    )
     print("\n| M | peak working memory of cell_masses [MiB] |")
     print("|---|---|")
     for size in sizes:

@@ -33,3 +33,21 @@ def write_fake_cifar10(root: Path, per_batch: int = 8, test_size: int = 8, seed:
 @pytest.fixture
 def fake_cifar10(tmp_path: Path) -> Path:
     return write_fake_cifar10(tmp_path / "cifar")
+
+
+def tiny_unet(**overrides: object):
+    """A DDPM++ U-Net factory small enough for CPU tests (8x8 or 16x16 images)."""
+    from functools import partial
+
+    from lightning_dpmot.nets import DDPMppUNet
+
+    kwargs = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    kwargs.update(overrides)
+    return partial(DDPMppUNet, **kwargs)
+
+
+def tiny_edm(data_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, **kwargs: object):
+    from lightning_dpmot.models import EDMModule
+
+    kwargs.setdefault("net", tiny_unet())
+    return EDMModule(data_shape=data_shape, num_classes=num_classes, **kwargs)

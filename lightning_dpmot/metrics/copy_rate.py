@@ -43,6 +43,16 @@ def _check_chunk(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
+def _expanded_squared_distances(q: Tensor, q_sq: Tensor, r: Tensor) -> Tensor:
+    """``||q||^2 + ||r||^2 - 2 q r^T`` clamped at 0: (m, d), (m, 1), (n, d) -> (m, n), with TF32 kept off."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32 would mis-rank near neighbours
+    try:
+        return torch.addmm(q_sq + r.square().sum(1), q, r.T, alpha=-2.0).clamp_(min=0.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def squared_distance_blocks(
     queries: Tensor, refs: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[tuple[int, int, Tensor]]:
@@ -64,8 +74,7 @@ def squared_distance_blocks(
         q_sq = q.square().sum(1, keepdim=True)
         for j0 in range(0, len(refs), chunk_size):
             r = refs[j0 : j0 + chunk_size].to(device, torch.float32)
-            d2 = torch.addmm(q_sq + r.square().sum(1), q, r.T, alpha=-2.0)
-            yield i0, j0, d2.clamp_(min=0.0)
+            yield i0, j0, _expanded_squared_distances(q, q_sq, r)
 
 
 def _exact_distances(q: Tensor, refs: Tensor, idx: Tensor) -> Tensor:

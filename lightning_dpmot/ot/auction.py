@@ -129,6 +129,41 @@ def _release_violators(cost: Tensor, prices: Tensor, owner: Tensor, assigned: Te
     assigned[held[bad]] = -1
 
 
+def auction_phases(
+    cost: Tensor, eps: float, eps_start: float, scaling: float, prices: Tensor | None, max_rounds: int
+) -> AuctionResult:
+    """The epsilon-scaling loop on an already normalised cost (no unit conversion).
+
+    Args:
+        cost: (n, n) cost, n >= 2, in the arithmetic dtype; any row constants are harmless.
+        eps: final epsilon; eps_start: first epsilon; scaling: ratio between phases (all in the cost's units).
+        prices: (n,) warm-start prices or None for zeros.
+        max_rounds: cap on the total number of rounds.
+
+    Returns:
+        :class:`AuctionResult` in the cost's units.
+    """
+    n, device = cost.shape[0], cost.device
+    p = torch.zeros(n, dtype=cost.dtype, device=device) if prices is None else prices.to(device, cost.dtype).clone()
+    owner = torch.full((n,), -1, dtype=torch.long, device=device)
+    assigned = torch.full((n,), -1, dtype=torch.long, device=device)
+    rounds = 0
+    for phase_eps in _eps_schedule(eps_start, eps, scaling):
+        _release_violators(cost, p, owner, assigned, phase_eps)
+        while True:
+            free = (assigned < 0).nonzero()
+            if free.numel() == 0:
+                break
+            if rounds >= max_rounds:
+                raise RuntimeError(f"auction did not finish within max_rounds={max_rounds}; increase it or eps")
+            if free.numel() == 1:
+                rounds += _bidding_chain(cost, p, owner, assigned, phase_eps, int(free))
+            else:
+                _bidding_round(cost, p, owner, assigned, phase_eps)
+                rounds += 1
+    return AuctionResult(assigned, p, eps, rounds)
+
+
 def auction_assignment(
     cost: Tensor,
     eps: float | None = None,
@@ -147,8 +182,8 @@ def auction_assignment(
         eps_start: first epsilon in cost units; default ``cost_scale(cost)`` (or ``eps`` when warm ``prices``
             are given, which then only need the final phase).
         scaling: factor between consecutive epsilons, in (0, 1).
-        prices: optional (n,) warm-start prices in cost units for the row-reduced cost (e.g. minus Sinkhorn's
-            column potentials); any values are valid, good ones save rounds.
+        prices: optional (n,) warm-start column prices in cost units (e.g. minus Sinkhorn's column potentials,
+            or the prices of an earlier run); any values are valid, good ones save rounds.
         dtype: arithmetic dtype (float64 by default, float32 is faster on some GPUs).
         max_rounds: safety cap on the total number of rounds; exceeding it raises ``RuntimeError``.
 
@@ -157,6 +192,8 @@ def auction_assignment(
     """
     if not 0.0 < scaling < 1.0:
         raise ValueError(f"scaling must be in (0, 1), got {scaling}")
+    if eps is not None and not eps > 0.0:
+        raise ValueError(f"eps must be positive, got {eps}")
     n = cost.shape[0]
     device = cost.device
     if n <= 1:
@@ -168,26 +205,8 @@ def auction_assignment(
     if not scale > 0.0:  # C_ij = a_i + b_j: every permutation is optimal
         return AuctionResult(torch.arange(n, device=device), torch.zeros(n, dtype=dtype, device=device), 0.0, 0)
     eps_final = DEFAULT_REL_EPS * scale if eps is None else float(eps)
-    if not eps_final > 0.0:
-        raise ValueError(f"eps must be positive, got {eps}")
     if eps_start is None:
         eps_start = eps_final if prices is not None else max(scale, eps_final)
-    c = c / scale
-    p = torch.zeros(n, dtype=dtype, device=device) if prices is None else prices.to(device, dtype) / scale
-    owner = torch.full((n,), -1, dtype=torch.long, device=device)
-    assigned = torch.full((n,), -1, dtype=torch.long, device=device)
-    rounds = 0
-    for phase_eps in _eps_schedule(eps_start / scale, eps_final / scale, scaling):
-        _release_violators(c, p, owner, assigned, phase_eps)
-        while True:
-            free = (assigned < 0).nonzero()
-            if free.numel() == 0:
-                break
-            if rounds >= max_rounds:
-                raise RuntimeError(f"auction did not finish within max_rounds={max_rounds}; increase it or eps")
-            if free.numel() == 1:
-                rounds += _bidding_chain(c, p, owner, assigned, phase_eps, int(free))
-            else:
-                _bidding_round(c, p, owner, assigned, phase_eps)
-                rounds += 1
-    return AuctionResult(assigned, p * scale, eps_final, rounds)
+    warm = None if prices is None else prices.to(device, dtype) / scale
+    result = auction_phases(c / scale, eps_final / scale, eps_start / scale, scaling, warm, max_rounds)
+    return AuctionResult(result.perm, result.prices * scale, eps_final, result.rounds)

@@ -1,18 +1,19 @@
 """Blocked power-diagram (Laguerre-cell) queries: argmax, top-k and Monte Carlo source samples.
 
 For targets ``y_i`` (rows of Y, (N, d)) and heights ``h`` (N,), the score of a point x is
-``s_i(x) = <x, y_i> + h_i`` and x lies in the power cell ``W_i(h)`` of the best-scoring target. These kernels never
-materialise the full (B, N) score matrix: the targets are visited in blocks of ``target_chunk_size`` rows, each block
-costs one fp32 GEMM with h folded in as the bias (``addmm``), and a running (value, index) maximum is merged across
-blocks. Peak extra memory is one (B, target_chunk_size) score block.
+``s_i(x) = <x, y_i> + h_i`` and x lies in the power cell ``W_i(h)`` of the best-scoring target. These kernels
+never materialise the full (B, N) score matrix: the targets are visited in blocks of ``target_chunk_size``
+rows, each block costs one fp32 GEMM with h folded in as the bias (``addmm``), and a running (value, index)
+maximum is merged across blocks. Peak extra memory is one (B, target_chunk_size) score block.
 
-Ties resolve to the lowest target index, both inside a block (``max`` returns the first maximum) and across blocks
-(a later block must be strictly better), so the result does not depend on the block size as long as the GEMM rounds
-each score identically.
+Ties resolve to the lowest target index, both inside a block (``max`` returns the first maximum) and across
+blocks (a later block must be strictly better), so the result does not depend on the block size as long as the
+GEMM rounds each score identically.
 
 Precision: the GEMMs run in fp32. TF32 or bf16 matmuls (``torch.backends.cuda.matmul.allow_tf32``, Lightning's
-``torch.set_float32_matmul_precision("high")``) round scores to ~1e-3 relative and mis-assign samples near cell
-faces; GPU users should call ``torch.set_float32_matmul_precision("highest")``. Nothing here changes global settings.
+``torch.set_float32_matmul_precision("high")``) round scores to ~1e-3 relative and mis-assign samples near
+cell faces; GPU users should call ``torch.set_float32_matmul_precision("highest")``. Nothing here changes
+global settings.
 """
 
 from __future__ import annotations
@@ -37,7 +38,40 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 def check_source(source: str) -> None:
     """Raise ``ValueError`` unless ``source`` is ``"gaussian"`` or ``"uniform"``."""
     if source not in SOURCE_STD:
-        raise ValueError(f"source must be 'gaussian' or 'uniform' (centred cube [-1/2, 1/2]^d), got {source!r}")
+        raise ValueError(
+            f"source must be 'gaussian' or 'uniform' (centred cube [-1/2, 1/2]^d), got {source!r}"
+        )
+
+
+def check_targets(targets: Tensor) -> None:
+    """Raise ``ValueError`` unless ``targets`` is a non-empty, finite, floating (N, d) tensor."""
+    if not isinstance(targets, Tensor) or targets.ndim != 2:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be a 2-D tensor (N, d), got {shape}")
+    if targets.shape[0] == 0 or targets.shape[1] == 0:
+        raise ValueError(
+            f"targets is empty: need at least one point of dimension >= 1, got shape {tuple(targets.shape)}"
+        )
+    if not targets.is_floating_point():
+        raise ValueError(f"targets must be a floating-point tensor, got {targets.dtype}")
+    bad = (~torch.isfinite(targets)).sum().item()
+    if bad:
+        raise ValueError(f"targets contain NaN or infinite values ({bad} non-finite entries)")
+
+
+def check_masses(masses: Tensor, n: int) -> Tensor:
+    """Validate target masses (N,): positive, finite, summing to 1; returns them in float64, renormalised."""
+    masses = torch.as_tensor(masses, dtype=torch.float64)
+    if masses.shape != (n,):
+        raise ValueError(f"masses must have shape ({n},) to match the {n} targets, got {tuple(masses.shape)}")
+    if not torch.isfinite(masses).all():
+        raise ValueError("masses contain NaN or infinite values")
+    if (masses <= 0).any():
+        raise ValueError(f"masses must be positive, got minimum {masses.min().item():.3g}")
+    total = masses.sum().item()
+    if abs(total - 1.0) > 1e-4:
+        raise ValueError(f"masses must sum to 1, got {total:.6g}")
+    return masses / masses.sum()
 
 
 def chunk_generator(
@@ -46,9 +80,9 @@ def chunk_generator(
     """Generator of Monte Carlo chunk ``chunk`` at ``iteration``.
 
     Mixing rule: ``torch.Generator(device).manual_seed(mix_seed(seed, stream, iteration, chunk))`` with
-    :func:`lightning_dpmot.utils.random.mix_seed` (SplitMix64 chaining of the four integers). The samples of a chunk
-    therefore depend only on these four numbers (and the device type), not on which process draws them or on
-    what was drawn before: resuming needs no RNG state and any rank can draw any chunk.
+    :func:`lightning_dpmot.utils.random.mix_seed` (SplitMix64 chaining of the four integers). The samples of a
+    chunk therefore depend only on these four numbers (and the device type), not on which process draws them
+    or on what was drawn before: resuming needs no RNG state and any rank can draw any chunk.
     """
     return make_generator(seed, stream, iteration, chunk, device=device)
 
@@ -56,7 +90,7 @@ def chunk_generator(
 def sample_source(
     source: Source, num: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
 ) -> Tensor:
-    """Draw ``num`` source samples, (num, dim) fp32: N(0, I) or uniform on the centred cube [-1/2, 1/2]^dim."""
+    """Draw ``num`` source samples, (num, dim) fp32: N(0, I) or uniform on the cube [-1/2, 1/2]^dim."""
     if source == "gaussian":
         return torch.randn(num, dim, generator=generator, device=device, dtype=torch.float32)
     check_source(source)
@@ -85,8 +119,8 @@ def power_argmax(
         antithetic: also score the reflected points ``-x`` from the same GEMM (``s_i(-x) = h_i - <x, y_i>``).
 
     Returns:
-        ``(values, indices)``: ``max_i <x_b, y_i> + h_i`` (fp32) and its argmax (int64), each (B,), or (2B,) for
-        ``[x; -x]`` when ``antithetic``.
+        ``(values, indices)``: ``max_i <x_b, y_i> + h_i`` (fp32) and its argmax (int64), each (B,), or (2B,)
+        for ``[x; -x]`` when ``antithetic``.
     """
     best: tuple[Tensor, Tensor] | None = None
     best_neg: tuple[Tensor, Tensor] | None = None
@@ -107,7 +141,9 @@ def power_argmax(
     return torch.cat([best[0], best_neg[0]]), torch.cat([best[1], best_neg[1]])
 
 
-def power_topk(x: Tensor, targets: Tensor, h: Tensor, k: int, target_chunk_size: int) -> tuple[Tensor, Tensor]:
+def power_topk(
+    x: Tensor, targets: Tensor, h: Tensor, k: int, target_chunk_size: int
+) -> tuple[Tensor, Tensor]:
     """The k best scores and their cell indices per point, blocked over targets.
 
     Args:

@@ -1,29 +1,32 @@
 """Semi-discrete optimal transport from noise to a point cloud (DPM-OT / AE-OT, Gu-Luo-Sun-Yau).
 
-Source mu: N(0, I_d) or the uniform centred cube [-1/2, 1/2]^d. Target nu = sum_i nu_i delta_{y_i}. For heights h
-(N,), the power cells are ``W_i(h) = {x : <x, y_i> + h_i >= <x, y_j> + h_j for all j}`` with masses
+Source mu: N(0, I_d) or the uniform centred cube [-1/2, 1/2]^d. Target nu = sum_i nu_i delta_{y_i}. For
+heights h (N,), the power cells are ``W_i(h) = {x : <x, y_i> + h_i >= <x, y_j> + h_j for all j}`` with masses
 ``w_i(h) = mu(W_i(h))``. The energy
 
     E(h) = E_{x ~ mu}[max_i <x, y_i> + h_i] - sum_i nu_i h_i
 
-is convex with gradient ``w(h) - nu``; its minimiser h* balances the cells and ``T(x) = y_{argmax_i <x,y_i>+h*_i}``
-is the quadratic-cost (Brenier) OT map. :class:`SemiDiscreteOT` estimates w(h) by Monte Carlo and runs Adam on h,
-re-centring h to mean zero after every step (h is defined up to a constant).
+is convex with gradient ``w(h) - nu``; its minimiser h* balances the cells and
+``T(x) = y_{argmax_i <x,y_i>+h*_i}`` is the quadratic-cost (Brenier) OT map. :class:`SemiDiscreteOT`
+estimates w(h) by Monte Carlo and runs Adam on h, re-centring h to mean zero after every step (h is defined
+up to a constant).
 
-Centring: the released DPM-OT code samples x uniform on [0, 1]^d. With x' = x - 1/2 the same cells are obtained
-from ``h'_i = h_i + 1/2 sum_k y_ik``, and the centred problem is far better conditioned (no d-scaled learning
-rate, no warm start): we always solve the centred one; :meth:`SemiDiscreteOT.unit_cube_potential` converts back.
-Translating all targets by a vector changes every score by the same amount, so cells and h do not change.
+Centring: the released DPM-OT code samples x uniform on [0, 1]^d. With x' = x - 1/2 the same cells are
+obtained from ``h'_i = h_i + 1/2 sum_k y_ik``, and the centred problem is far better conditioned (no d-scaled
+learning rate, no warm start): we always solve the centred one; :meth:`SemiDiscreteOT.unit_cube_potential`
+converts back. Translating all targets by a vector changes every score by the same amount, so cells and h do
+not change.
 
 Relation to POT's ``ot.semidiscrete`` (squared Euclidean cost, potential g): POT assigns x to
-``argmin_j ||x - y_j||^2 - g_j = argmax_j <x, y_j> + (g_j - ||y_j||^2) / 2``, so ``h = (g - ||y||^2) / 2`` up to
-a constant.
+``argmin_j ||x - y_j||^2 - g_j = argmax_j <x, y_j> + (g_j - ||y_j||^2) / 2``, so ``h = (g - ||y||^2) / 2`` up
+to a constant.
 
-Monte Carlo and distribution: iteration t draws ``M`` samples in chunks of ``chunk_size``; chunk c comes from a
-generator seeded with ``mix_seed(seed, stream, t, c)`` (:func:`power_cells.chunk_generator`). Rank r of W processes
-chunks r, r + W, ...; the length-N histogram, the energy partial sum and the sample count are summed by one
-all-reduce, so every rank takes the identical Adam step and the result does not depend on W (bit-identical h, the
-counts being integers), and a run resumed from :meth:`state_dict` matches the uninterrupted one exactly.
+Monte Carlo and distribution: iteration t draws ``M`` samples in chunks of ``chunk_size``; chunk c comes from
+a generator seeded with ``mix_seed(seed, stream, t, c)`` (:func:`power_cells.chunk_generator`). Rank r of W
+processes chunks r, r + W, ...; the length-N histogram, the energy partial sum and the sample count are summed
+by one all-reduce, so every rank takes the identical Adam step and the result does not depend on W
+(bit-identical h, the counts being integers), and a run resumed from :meth:`state_dict` matches the
+uninterrupted one exactly.
 
 Precision: all GEMMs are fp32; dtype casts of the module (``.half()``, Lightning's ``*-true`` precisions) are
 ignored. TF32/bf16 matmuls mis-assign samples near cell faces: on GPUs call
@@ -45,7 +48,9 @@ from lightning_dpmot.ot.power_cells import (
     SOURCE_STD,
     TRAIN_STREAM,
     Source,
+    check_masses,
     check_source,
+    check_targets,
     chunk_generator,
     power_argmax,
     power_topk,
@@ -59,42 +64,44 @@ from lightning_dpmot.ot.semidiscrete_fit import (
 
 Criterion = Literal["rms", "max"]
 
-#: Default Adam step as a fraction of the score scale ``sigma_x * RMS_i ||y_i - mean(y)||`` (see ``score_scale``).
+#: Default Adam step as a fraction of the score scale ``sigma_x * RMS_i ||y_i - mean(y)||``.
 DEFAULT_RELATIVE_LR = 0.02
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` over all processes with ``torch.distributed`` (in place) when a group of size > 1 is running."""
+    """Sum ``t`` in place over the ``torch.distributed`` group when one of size > 1 is running."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def _check_targets(targets: Tensor) -> None:
-    if not isinstance(targets, Tensor) or targets.ndim != 2:
-        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-        raise ValueError(f"targets must be a 2-D tensor (N, d), got {shape}")
-    if targets.shape[0] == 0 or targets.shape[1] == 0:
-        raise ValueError(f"targets is empty: need at least one point of dimension >= 1, got shape {tuple(targets.shape)}")
-    if not targets.is_floating_point():
-        raise ValueError(f"targets must be a floating-point tensor, got {targets.dtype}")
-    bad = (~torch.isfinite(targets)).sum().item()
-    if bad:
-        raise ValueError(f"targets contain NaN or infinite values ({bad} non-finite entries)")
-
-
-def _check_masses(masses: Tensor, n: int) -> Tensor:
-    masses = torch.as_tensor(masses, dtype=torch.float64)
-    if masses.shape != (n,):
-        raise ValueError(f"masses must have shape ({n},) to match the {n} targets, got {tuple(masses.shape)}")
-    if not torch.isfinite(masses).all():
-        raise ValueError("masses contain NaN or infinite values")
-    if (masses <= 0).any():
-        raise ValueError(f"masses must be positive, got minimum {masses.min().item():.3g}")
-    total = masses.sum().item()
-    if abs(total - 1.0) > 1e-4:
-        raise ValueError(f"masses must sum to 1, got {total:.6g}")
-    return masses / masses.sum()
+def _check_settings(
+    chunk_size: int,
+    target_chunk_size: int,
+    eval_factor: int,
+    antithetic: bool,
+    lr: float | None,
+    betas: tuple[float, float],
+    lr_decay: float,
+    criterion: str,
+    tol: float,
+) -> None:
+    sizes = {"chunk_size": chunk_size, "target_chunk_size": target_chunk_size, "eval_factor": eval_factor}
+    for name, value in sizes.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if antithetic and chunk_size % 2:
+        raise ValueError(f"antithetic sampling needs an even chunk_size, got {chunk_size}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+    if not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay}")
+    if criterion not in ("rms", "max"):
+        raise ValueError(f"criterion must be 'rms' or 'max', got {criterion!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
 
 
 class SemiDiscreteOT(nn.Module):
@@ -114,13 +121,14 @@ class SemiDiscreteOT(nn.Module):
         max_doublings: at most this many doublings of M.
         lr_decay: lr factor applied at each doubling.
         tol: convergence tolerance of :meth:`fit` on the held-out mass error (see ``criterion``).
-        criterion: ``"rms"``: debiased relative RMS cell-mass error <= tol; ``"max"``: max relative error <= tol.
-            Both also require no empty cell.
+        criterion: ``"rms"``: debiased relative RMS cell-mass error <= tol; ``"max"``: max relative
+            error <= tol. Both also require no empty cell.
         eval_factor: held-out evaluation uses ``eval_factor * M`` samples.
         seed: seed of the Monte Carlo streams.
         antithetic: also use the reflections -x of every sample (free: same GEMM, scores h - <x, y>); unbiased
             because mu is symmetric, and never noisier per GEMM than independent samples.
-        all_reduce: sums a tensor over processes; default ``torch.distributed`` SUM when initialised, else identity.
+        all_reduce: sums a tensor over processes; default ``torch.distributed`` SUM when initialised,
+            else identity.
         rank: process index override (default: ``torch.distributed`` rank, read at call time).
         world_size: process count override (default: ``torch.distributed`` world size).
     """
@@ -162,28 +170,16 @@ class SemiDiscreteOT(nn.Module):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check_targets(targets)
+        check_targets(targets)
         check_source(source)
-        n, d = targets.shape
-        nu = _check_masses(masses, n) if masses is not None else torch.full((n,), 1.0 / n, dtype=torch.float64)
-        for name, value in (("chunk_size", chunk_size), ("target_chunk_size", target_chunk_size),
-                            ("eval_factor", eval_factor)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        if antithetic and chunk_size % 2:
-            raise ValueError(f"antithetic sampling needs an even chunk_size, got {chunk_size}")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if not 0.0 < lr_decay <= 1.0:
-            raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay}")
-        if criterion not in ("rms", "max"):
-            raise ValueError(f"criterion must be 'rms' or 'max', got {criterion!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol}")
+        n = targets.shape[0]
+        nu = torch.full((n,), 1.0 / n, dtype=torch.float64) if masses is None else check_masses(masses, n)
+        _check_settings(
+            chunk_size, target_chunk_size, eval_factor, antithetic, lr, betas, lr_decay, criterion, tol
+        )
         self.source, self.chunk_size, self.target_chunk_size = source, int(chunk_size), int(target_chunk_size)
-        self.betas, self.eps, self.bias_correction = (float(betas[0]), float(betas[1])), float(eps), bias_correction
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps, self.bias_correction = float(eps), bool(bias_correction)
         self.patience, self.max_doublings, self.lr_decay = int(patience), int(max_doublings), float(lr_decay)
         self.tol, self.criterion, self.eval_factor = float(tol), criterion, int(eval_factor)
         self.seed, self.antithetic = int(seed), bool(antithetic)
@@ -192,7 +188,7 @@ class SemiDiscreteOT(nn.Module):
 
         y = targets.detach().to(torch.float32).contiguous()
         self.register_buffer("targets", y)
-        self.register_buffer("nu", nu)
+        self.register_buffer("nu", nu.to(y.device))
         zeros = torch.zeros(n, dtype=torch.float32, device=y.device)
         self.register_buffer("h", zeros.clone())
         self.register_buffer("m", zeros.clone())
@@ -223,15 +219,18 @@ class SemiDiscreteOT(nn.Module):
 
     @property
     def score_scale(self) -> float:
-        """Natural scale of h: ``sigma_x * sqrt(sum_i nu_i ||y_i - y_bar||^2)``, the spread of the scores <x, y_i>.
+        """Natural scale of h: ``sigma_x * sqrt(sum_i nu_i ||y_i - y_bar||^2)``, the spread of <x, y_i>.
 
-        sigma_x is the per-coordinate standard deviation of the source (1, or 1/sqrt(12) for the cube); y_bar is
-        the nu-weighted mean. Invariant to translating the targets, like the cells.
+        sigma_x is the per-coordinate standard deviation of the source (1, or 1/sqrt(12) for the cube); y_bar
+        is the nu-weighted mean. Invariant to translating the targets, like the cells.
         """
-        nu = self.nu.to(torch.float64)
-        y = self.targets.to(torch.float64)
-        centred = y - nu @ y
-        return SOURCE_STD[self.source] * math.sqrt(float(nu @ centred.square().sum(dim=1)))
+        y_bar = self.nu.to(torch.float32) @ self.targets  # (d,)
+        spread = 0.0
+        for start in range(0, self.num_targets, self.target_chunk_size):  # no (N, d) temporary
+            stop = start + self.target_chunk_size
+            sq = (self.targets[start:stop] - y_bar).square().sum(dim=1, dtype=torch.float64)
+            spread += float(self.nu[start:stop] @ sq)
+        return SOURCE_STD[self.source] * math.sqrt(spread)
 
     @property
     def rank(self) -> int:
@@ -261,8 +260,13 @@ class SemiDiscreteOT(nn.Module):
         return self
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Settings that define the Monte Carlo stream; checked on load so a resume cannot silently diverge."""
-        return {"source": self.source, "chunk_size": self.chunk_size, "seed": self.seed, "antithetic": self.antithetic}
+        """Settings defining the Monte Carlo stream; checked on load so a resume cannot silently diverge."""
+        return {
+            "source": self.source,
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+            "antithetic": self.antithetic,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose Monte Carlo stream differs from this solver's."""
@@ -273,13 +277,15 @@ class SemiDiscreteOT(nn.Module):
             raise ValueError(f"checkpoint was written with different Monte Carlo settings ({msg})")
 
     def extra_repr(self) -> str:
-        return (f"N={self.num_targets}, d={self.dim}, source={self.source}, M={int(self.num_mc_samples)}, "
-                f"chunk_size={self.chunk_size}, target_chunk_size={self.target_chunk_size}, seed={self.seed}")
+        return (
+            f"N={self.num_targets}, d={self.dim}, source={self.source}, M={int(self.num_mc_samples)}, "
+            f"chunk_size={self.chunk_size}, target_chunk_size={self.target_chunk_size}, seed={self.seed}"
+        )
 
     # ------------------------------------------------------------------ Monte Carlo cell masses
 
     def _mc_statistics(self, num_samples: int, iteration: int, stream: int) -> tuple[Tensor, float, float]:
-        """Histogram of cell hits over the rounded-up ``num_samples`` of (iteration, stream), summed over ranks.
+        """Cell-hit histogram of the rounded-up ``num_samples`` of (iteration, stream), summed over ranks.
 
         Returns:
             ``(counts, value_sum, total)``: counts (N,) float64 (integer valued), the sum of
@@ -306,7 +312,7 @@ class SemiDiscreteOT(nn.Module):
 
         Args:
             num_samples: samples (rounded up to whole chunks); default the current M.
-            iteration: whose samples to use; default the current iteration (the samples :meth:`step` will use).
+            iteration: whose samples to use; default the current one (the samples :meth:`step` uses).
         """
         m = int(self.num_mc_samples) if num_samples is None else int(num_samples)
         t = int(self.iteration) if iteration is None else int(iteration)
@@ -315,7 +321,7 @@ class SemiDiscreteOT(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, num_samples: int | None = None) -> dict[str, float]:
-        """Held-out diagnostics of the current h from an independent stream (default ``eval_factor * M`` samples).
+        """Held-out diagnostics of h from an independent stream (default ``eval_factor * M`` samples).
 
         Returns the keys of :func:`semidiscrete_fit.mass_diagnostics` plus ``energy`` and ``num_samples``.
         """
@@ -336,7 +342,7 @@ class SemiDiscreteOT(nn.Module):
 
     @torch.no_grad()
     def step(self) -> dict[str, float]:
-        """One iteration: MC masses, gradient w - nu, Adam update of h, re-centring, stall/doubling bookkeeping.
+        """One iteration: MC masses, gradient w - nu, Adam on h, re-centring, stall/doubling bookkeeping.
 
         Returns:
             Diagnostics of the h *before* the update (see :func:`semidiscrete_fit.mass_diagnostics`) plus
@@ -367,7 +373,8 @@ class SemiDiscreteOT(nn.Module):
         self.h.sub_(self.h.mean())
 
     def _schedule(self, g_norm: float) -> None:
-        """Track the best g-norm; after ``patience`` stalled steps double M and decay lr (``max_doublings`` times)."""
+        """Track the best g-norm; after ``patience`` stalled steps double M and decay lr (at most
+        ``max_doublings`` times)."""
         if g_norm < float(self.best_g_norm):
             self.best_g_norm.fill_(g_norm)
             self.stall.zero_()
@@ -390,9 +397,10 @@ class SemiDiscreteOT(nn.Module):
     ) -> dict[str, Any]:
         """Run :meth:`step` until converged or ``max_iterations`` more steps.
 
-        Stopping rule: every ``eval_every`` steps, if the step's own (debiased) error already passes, a held-out
-        :meth:`evaluate` with ``eval_num_samples`` (default ``eval_factor * M``) decides via :meth:`is_converged`.
-        The raw gradient norm is useless here: it has a Monte Carlo floor of about 1/sqrt(M).
+        Stopping rule: every ``eval_every`` steps, if the step's own (debiased) error already passes, a
+        held-out :meth:`evaluate` with ``eval_num_samples`` (default ``eval_factor * M``) decides via
+        :meth:`is_converged`. The raw gradient norm is useless here: it has a Monte Carlo floor of about
+        1/sqrt(M).
 
         Returns:
             ``{"converged": bool, "iterations": steps run, "last_step": dict, "evaluation": held-out dict,
@@ -400,25 +408,31 @@ class SemiDiscreteOT(nn.Module):
         """
         tol = self.tol if tol is None else float(tol)
         if self.criterion == "max":
-            m_eval = self.eval_factor * int(self.num_mc_samples) if eval_num_samples is None else eval_num_samples
+            m_eval = (
+                self.eval_factor * int(self.num_mc_samples) if eval_num_samples is None else eval_num_samples
+            )
             floor = max_rel_noise_floor(self.nu, self._round_to_chunks(m_eval))
             if tol <= floor:
-                raise ValueError(f"tol={tol:.3g} is below the Monte Carlo noise floor {floor:.3g} of the max relative "
-                                 f"error at {m_eval} evaluation samples; raise tol or eval_num_samples")
+                raise ValueError(
+                    f"tol={tol:.3g} is below the Monte Carlo noise floor {floor:.3g} of the max relative "
+                    f"error at {m_eval} evaluation samples; raise tol or eval_num_samples"
+                )
         return fit_loop(self, max_iterations, tol, eval_every, eval_num_samples, progress and self.rank == 0)
 
     # ------------------------------------------------------------------ the map
 
     def _check_noise(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.ndim != 2:
-            raise ValueError(f"noise x must be a 2-D tensor (B, d), got shape {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"noise x must be a 2-D tensor (B, d), got shape {tuple(getattr(x, 'shape', ()))}"
+            )
         if x.shape[1] != self.dim:
             raise ValueError(f"noise x has dimension {x.shape[1]} but the targets have dimension {self.dim}")
         return x.to(device=self.targets.device, dtype=torch.float32)
 
     @torch.no_grad()
     def assign(self, x: Tensor) -> Tensor:
-        """Power cell of each noise sample: x (B, d) -> (B,) int64 ``argmax_i <x, y_i> + h_i`` (on the targets' device)."""
+        """Power cell per noise sample: x (B, d) -> (B,) int64 ``argmax_i <x, y_i> + h_i``."""
         x = self._check_noise(x)
         out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         for start in range(0, x.shape[0], self.chunk_size):
@@ -428,12 +442,14 @@ class SemiDiscreteOT(nn.Module):
 
     @torch.no_grad()
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The k best cells per sample: x (B, d) -> ``(scores (B, k) fp32, indices (B, k) int64)``, best first."""
+        """The k best cells per sample: x (B, d) -> ``(scores, indices)``, each (B, k), best first."""
         x = self._check_noise(x)
         if not 1 <= k <= self.num_targets:
             raise ValueError(f"k must be in [1, {self.num_targets}], got {k}")
-        parts = [power_topk(x[s : s + self.chunk_size], self.targets, self.h, k, self.target_chunk_size)
-                 for s in range(0, x.shape[0], self.chunk_size)]
+        parts = [
+            power_topk(x[s : s + self.chunk_size], self.targets, self.h, k, self.target_chunk_size)
+            for s in range(0, x.shape[0], self.chunk_size)
+        ]
         if not parts:
             return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

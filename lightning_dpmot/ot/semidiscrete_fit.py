@@ -1,9 +1,9 @@
 """Cell-mass error statistics and the fit loop of :class:`~lightning_dpmot.ot.semidiscrete.SemiDiscreteOT`.
 
 Monte Carlo noise floor (dpm-ot.md §6.3): with M samples the count of cell i is Binomial(M, w_i), so the raw
-gradient norm ``||w_hat - nu||_2`` never falls below about ``1/sqrt(M)`` and the raw relative error of a cell has
-standard deviation ``sqrt((1 - nu_i) / (M nu_i))``. The released code's ``g_norm < 8e-4`` is therefore unreachable.
-Two reachable statistics are reported:
+gradient norm ``||w_hat - nu||_2`` never falls below about ``1/sqrt(M)`` and the raw relative error of a cell
+has standard deviation ``sqrt((1 - nu_i) / (M nu_i))``. The released code's ``g_norm < 8e-4`` is therefore
+unreachable. Two reachable statistics are reported:
 
 * ``rel_rms_err``: the *debiased* relative RMS error ``sqrt(mean_i e_i / nu_i^2)`` with
   ``e_i = (w_hat_i - nu_i)^2 - w_hat_i (1 - w_hat_i) / (M - 1)``, an unbiased estimate of ``(w_i - nu_i)^2``
@@ -42,17 +42,34 @@ def mass_diagnostics(counts: Tensor, total: float, nu: Tensor) -> dict[str, floa
     sq_unbiased = err.square() - w * (1.0 - w) / max(total - 1.0, 1.0)
     rel_ms = (sq_unbiased / nu.square()).mean().clamp_min(0.0)
     noise = ((1.0 - nu) / (total * nu)).mean().sqrt()
-    stats = torch.stack([err.norm(), err.abs().max(), err.abs().mean(), rel.max(), rel_ms.sqrt(), noise,
-                         (counts == 0).sum().to(torch.float64)]).tolist()
-    keys = ("g_norm", "max_abs_err", "mean_abs_err", "max_rel_err", "rel_rms_err", "noise_floor", "empty_cells")
+    stats = torch.stack(
+        [
+            err.norm(),
+            err.abs().max(),
+            err.abs().mean(),
+            rel.max(),
+            rel_ms.sqrt(),
+            noise,
+            (counts == 0).sum().to(torch.float64),
+        ]
+    ).tolist()
+    keys = (
+        "g_norm",
+        "max_abs_err",
+        "mean_abs_err",
+        "max_rel_err",
+        "rel_rms_err",
+        "noise_floor",
+        "empty_cells",
+    )
     return dict(zip(keys, stats, strict=True))
 
 
 def max_rel_noise_floor(nu: Tensor, num_samples: int) -> float:
-    """Typical max relative cell error of a *perfect* h at ``num_samples`` samples: ``sqrt(2 log 2N) * max_i sd_i``.
+    """Typical max relative cell error of a *perfect* h at M samples: ``sqrt(2 log 2N) * max_i sd_i``.
 
-    ``sd_i = sqrt((1 - nu_i) / (M nu_i))`` is the relative standard deviation of cell i's count; the factor is the
-    expected maximum of N absolute standard normals (to leading order).
+    ``sd_i = sqrt((1 - nu_i) / (M nu_i))`` is the relative standard deviation of cell i's count; the factor is
+    the expected maximum of N absolute standard normals (to leading order).
     """
     nu = nu.to(torch.float64)
     sd = ((1.0 - nu) / (num_samples * nu)).sqrt().max().item()
@@ -77,7 +94,9 @@ def fit_loop(
 ) -> dict[str, Any]:
     """Step ``solver`` until its held-out diagnostics pass ``solver.is_converged(..., tol)`` (see ``fit``)."""
     if max_iterations < 0 or eval_every < 1:
-        raise ValueError(f"need max_iterations >= 0 and eval_every >= 1, got {max_iterations} and {eval_every}")
+        raise ValueError(
+            f"need max_iterations >= 0 and eval_every >= 1, got {max_iterations} and {eval_every}"
+        )
     history: list[dict[str, float]] = []
     evaluation: dict[str, float] | None = None
     evaluated_at = -1
@@ -89,10 +108,15 @@ def fit_loop(
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
-                bar.set_postfix(g=f"{diag['g_norm']:.2e}", rel=f"{diag['rel_rms_err']:.3f}",
-                                empty=int(diag["empty_cells"]), M=int(diag["num_mc_samples"]), lr=f"{diag['lr']:.2e}")
-        # cheap gate on this step's own (pre-update) debiased RMS error, a lower bound of the max error, before
-        # paying for a held-out evaluation
+                bar.set_postfix(
+                    g=f"{diag['g_norm']:.2e}",
+                    rel=f"{diag['rel_rms_err']:.3f}",
+                    empty=int(diag["empty_cells"]),
+                    M=int(diag["num_mc_samples"]),
+                    lr=f"{diag['lr']:.2e}",
+                )
+        # cheap gate on this step's own (pre-update) debiased RMS error, a lower bound of the max error,
+        # before paying for a held-out evaluation
         if (i + 1) % eval_every == 0 and diag["rel_rms_err"] <= tol and diag["empty_cells"] == 0:
             evaluation, evaluated_at = solver.evaluate(eval_num_samples), i
             if solver.is_converged(evaluation, tol):
@@ -103,5 +127,10 @@ def fit_loop(
     if evaluated_at != len(history) - 1:
         evaluation = solver.evaluate(eval_num_samples)
         converged = solver.is_converged(evaluation, tol)
-    return {"converged": converged, "iterations": len(history), "last_step": history[-1] if history else {},
-            "evaluation": evaluation, "history": history}
+    return {
+        "converged": converged,
+        "iterations": len(history),
+        "last_step": history[-1] if history else {},
+        "evaluation": evaluation,
+        "history": history,
+    }

@@ -32,13 +32,16 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from lightning_dpmot.ot.auction import auction_assignment
+from lightning_dpmot.ot.auction import auction_phases
 from lightning_dpmot.ot.costs import cost_scale
 
 Rounding = Literal["auction", "greedy"]
 
 #: Default entropic regularisation relative to :func:`~lightning_dpmot.ot.costs.cost_scale`.
 DEFAULT_REG = 0.05
+
+#: Safety cap on the rounding auction's bidding rounds.
+_MAX_ROUNDING_ROUNDS = 1_000_000
 
 #: Kernel entries below exp(-_LOG_CUTOFF) are dropped; scalings beyond exp(+-_LOG_CUTOFF / 2) are absorbed.
 _LOG_CUTOFF = 40.0
@@ -141,7 +144,7 @@ def sinkhorn_potentials(
     reg_start: float = 1.0,
     scaling: float = 0.3,
     max_iter: int = 200,
-    tol: float = 1e-2,
+    tol: float = 5e-2,
     dtype: torch.dtype | None = None,
 ) -> SinkhornResult:
     """Entropic potentials with epsilon-scaling (module docstring, steps 1-2).
@@ -201,7 +204,7 @@ def sinkhorn_assignment(
     reg_start: float = 1.0,
     scaling: float = 0.3,
     max_iter: int = 200,
-    tol: float = 1e-2,
+    tol: float = 5e-2,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Sinkhorn potentials rounded to a permutation (module docstring, step 3).
@@ -233,4 +236,6 @@ def sinkhorn_assignment(
     if rounding == "greedy":
         return round_greedy(rearrange(f, "n -> n 1") + g - c.to(dtype))
     eps = reg if round_eps is None else round_eps / scale
-    return auction_assignment(c, eps=eps, prices=-g).perm
+    if not eps > 0.0:
+        raise ValueError(f"round_eps must be positive, got {round_eps}")
+    return auction_phases(c, eps, eps, 0.5, -g, max_rounds=_MAX_ROUNDING_ROUNDS).perm

@@ -1,4 +1,4 @@
-"""Tests of the semi-discrete OT solver: closed forms, POT agreement, chunking, resume, distribution, errors."""
+"""Semi-discrete OT solver: closed forms, POT agreement, chunking, resume, distribution, bad input."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def quadrature_masses(solver: SemiDiscreteOT, h: Tensor | None = None, points: int = 1201) -> Tensor:
-    """Cell masses of a 2-D solver by a tensor-grid quadrature of its source (no Monte Carlo), (N,) float64."""
+    """Cell masses of a 2-D solver by tensor-grid quadrature of its source (no Monte Carlo), (N,) float64."""
     if solver.source == "gaussian":
         axis = torch.linspace(-7.0, 7.0, points, dtype=torch.float64)
         weight_1d = torch.from_numpy(norm.pdf(axis.numpy()))
@@ -91,7 +91,9 @@ def test_symmetric_square_keeps_h_at_zero() -> None:
 def test_asymmetric_masses_are_matched(source: str) -> None:
     nu = torch.tensor([0.4, 0.3, 0.2, 0.1])
     lr = 0.05 if source == "gaussian" else 0.015
-    solver = SemiDiscreteOT(SQUARE, nu, source=source, lr=lr, num_mc_samples=8192, chunk_size=4096, patience=20)
+    solver = SemiDiscreteOT(
+        SQUARE, nu, source=source, lr=lr, num_mc_samples=8192, chunk_size=4096, patience=20
+    )
     result = solver.fit(300, tol=0.02, progress=False)
     assert result["converged"]
     assert (quadrature_masses(solver) - nu.double()).abs().max() < 0.01
@@ -132,8 +134,13 @@ def test_fitted_potential_agrees_with_pot_solver() -> None:
     targets = torch.randn(8, 3, generator=gen, dtype=torch.float64)
     nu = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.1, 0.15, 0.1, 0.15], dtype=torch.float64)
     rng = np.random.default_rng(0)
-    g = solve_semidiscrete(targets.numpy(), lambda b: rng.standard_normal((b, 3)), a_target=nu.numpy(),
-                           max_iter=2000, batch_size=256)
+    g = solve_semidiscrete(
+        targets.numpy(),
+        lambda b: rng.standard_normal((b, 3)),
+        a_target=nu.numpy(),
+        max_iter=2000,
+        batch_size=256,
+    )
     h_pot = torch.from_numpy((g - targets.square().sum(dim=1).numpy()) / 2)
     h_pot -= h_pot.mean()
     solver = SemiDiscreteOT(targets, nu, lr=0.05, num_mc_samples=32768, chunk_size=8192, patience=20)
@@ -171,12 +178,19 @@ def test_cell_masses_do_not_depend_on_the_target_block_size() -> None:
         solver.h.copy_(h)
         masses.append(solver.cell_masses(num_samples=3000, iteration=4))
     assert torch.equal(masses[0], masses[1]) and torch.equal(masses[0], masses[2])
-    assert masses[0].sum().item() == pytest.approx(1.0) and (masses[0] * 3072).eq((masses[0] * 3072).round()).all()
+    assert (
+        masses[0].sum().item() == pytest.approx(1.0)
+        and (masses[0] * 3072).eq((masses[0] * 3072).round()).all()
+    )
 
 
 def test_antithetic_scores_reflections_from_the_same_gemm() -> None:
     gen = torch.Generator().manual_seed(4)
-    targets, h, x = torch.randn(30, 5, generator=gen), torch.randn(30, generator=gen), torch.randn(64, 5, generator=gen)
+    targets, h, x = (
+        torch.randn(30, 5, generator=gen),
+        torch.randn(30, generator=gen),
+        torch.randn(64, 5, generator=gen),
+    )
     val, idx = power_argmax(x, targets, h, 7, antithetic=True)
     ref_val, ref_idx = power_argmax(torch.cat([x, -x]), targets, h, 7)
     assert torch.equal(idx, ref_idx) and torch.allclose(val, ref_val)
@@ -186,7 +200,9 @@ def test_antithetic_scores_reflections_from_the_same_gemm() -> None:
 
 def test_antithetic_fit_balances_the_cells() -> None:
     nu = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    solver = SemiDiscreteOT(SQUARE, nu, lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20, antithetic=True)
+    solver = SemiDiscreteOT(
+        SQUARE, nu, lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20, antithetic=True
+    )
     solver.fit(300, tol=0.02, progress=False)
     assert (quadrature_masses(solver) - nu.double()).abs().max() < 0.01
 
@@ -259,8 +275,12 @@ def test_ranks_share_chunks_and_sum_to_the_single_process_histogram() -> None:
     targets = torch.randn(40, 6, generator=torch.Generator().manual_seed(8))
     single = SemiDiscreteOT(targets, chunk_size=256)
     counts, value_sum, total = single._mc_statistics(5 * 256, 3, 0)
-    parts = [SemiDiscreteOT(targets, chunk_size=256, rank=r, world_size=2, all_reduce=lambda t: t)._mc_statistics(
-        5 * 256, 3, 0) for r in (0, 1)]
+    parts = [
+        SemiDiscreteOT(targets, chunk_size=256, rank=r, world_size=2, all_reduce=lambda t: t)._mc_statistics(
+            5 * 256, 3, 0
+        )
+        for r in (0, 1)
+    ]
     assert torch.equal(parts[0][0] + parts[1][0], counts)
     assert parts[0][2] == 3 * 256 and parts[1][2] == 2 * 256 and total == 5 * 256
     assert parts[0][1] + parts[1][1] == pytest.approx(value_sum, rel=1e-12)
@@ -296,7 +316,10 @@ def test_two_process_fit_is_bit_identical_to_single_process(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("targets", "message"),
     [
-        (torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), r"targets contain NaN or infinite values \(1 non-finite"),
+        (
+            torch.tensor([[0.0, float("nan")], [1.0, 1.0]]),
+            r"targets contain NaN or infinite values \(1 non-finite",
+        ),
         (torch.tensor([[0.0, float("inf")], [1.0, 1.0]]), "targets contain NaN or infinite values"),
         (torch.zeros(0, 3), r"targets is empty: .* got shape \(0, 3\)"),
         (torch.zeros(5), r"targets must be a 2-D tensor \(N, d\), got \(5,\)"),

@@ -1,10 +1,10 @@
 """Benchmark: OT cost matrices and assignment solvers on AOT-sized problems (fake images vs Gaussian noise).
 
-For every pool size n it builds n structured fake images in [-1, 1] (3 x R x R, d = 3072 at R = 32: smooth random
-fields around a few shared prototypes, plus pixel noise) and n standard Gaussian noises, times the cost matrix
-and every solver, and compares each solver with ``scipy.optimize.linear_sum_assignment`` **measured in the same
-run** (methods are interleaved round-robin over the repeats and the median is reported, so machine load hits
-all of them alike). Columns:
+For every pool size n it builds n structured fake images in [-1, 1] (3 x R x R, d = 3072 at R = 32: smooth
+random fields around a few shared prototypes, plus pixel noise) and n standard Gaussian noises, times the cost
+matrix and every solver, and compares each solver with ``scipy.optimize.linear_sum_assignment`` **measured in
+the same run** (methods are interleaved round-robin over the repeats and the median is reported, so machine
+load hits all of them alike). Columns:
 
 * ``ms``: median wall time of the solve (including host transfers when ``--device cuda``);
 * ``x scipy``: scipy's median time divided by this one (> 1 = faster than scipy);
@@ -54,7 +54,7 @@ def smooth_fields(n: int, resolution: int, low: int, generator: torch.Generator)
 
 
 def structured_images(n: int, resolution: int, generator: torch.Generator, prototypes: int = 10) -> Tensor:
-    """(n, 3, R, R) fake images in [-1, 1]: a shared smooth prototype per "class" + a smooth field + pixel noise."""
+    """(n, 3, R, R) fake images in [-1, 1]: a smooth prototype per "class" + a smooth field + pixel noise."""
     protos = smooth_fields(prototypes, resolution, 4, generator)
     labels = torch.randint(0, prototypes, (n,), generator=generator)
     fields = protos[labels] + 0.7 * smooth_fields(n, resolution, 8, generator)
@@ -93,7 +93,9 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device) -> dict[s
     perms: dict[str, Tensor] = {}
     start, passes = time.perf_counter(), 0
     # round-robin passes: at least --repeats, more (up to --max-repeats) while under --min-time seconds
-    while passes < args.repeats or (time.perf_counter() - start < args.min_time and passes < args.max_repeats):
+    while passes < args.repeats or (
+        time.perf_counter() - start < args.min_time and passes < args.max_repeats
+    ):
         for name in args.methods:
             method, options = SOLVERS[name]
             ms, perms[name] = timed(lambda: solve_assignment(cost, method, **options), device)  # noqa: B023
@@ -132,7 +134,10 @@ def print_table(n: int, rows: dict[str, dict[str, float]]) -> None:
     cm = rows["cost matrix"]
     info = rows["_reduction"]
     print(f"\nn = {n}  (optimum {info['pct']:.2f} % below random pairing; median of {info['passes']} passes)")
-    print(f"  {'cost matrix':<16}{cm['ms']:>10.1f} ms   torch.cdist {cm['x_base']:.1f} ms   max |diff| {cm['err']:.1e}")
+    print(
+        f"  {'cost matrix':<16}{cm['ms']:>10.1f} ms   torch.cdist {cm['x_base']:.1f} ms"
+        f"   max |diff| {cm['err']:.1e}"
+    )
     print(f"  {'solver':<16}{'ms':>10}{'x scipy':>10}{'rel gap':>12}{'share':>9}")
     for name, r in rows.items():
         if name.startswith("_") or name == "cost matrix":
@@ -147,8 +152,10 @@ def check_targets(results: dict[int, dict[str, dict[str, float]]], methods: list
         r = results[2048]["exact"]
         passed = r["x_base"] >= 4.0 and abs(r["gap"]) <= 1e-12
         ok &= passed
-        print(f"{'PASS' if passed else 'FAIL'}: exact >= 4x faster than scipy at n=2048 with the optimal total "
-              f"({r['x_base']:.2f}x, rel gap {r['gap']:.1e})")
+        print(
+            f"{'PASS' if passed else 'FAIL'}: exact >= 4x faster than scipy at n=2048 with the optimal total "
+            f"({r['x_base']:.2f}x, rel gap {r['gap']:.1e})"
+        )
     elif "exact" in methods:
         print("SKIP: exact speed target needs n=2048 in --sizes")
     if "sinkhorn" in methods:
@@ -166,8 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]; cost and device solvers run there")
     parser.add_argument("--cost", choices=["l2", "sqeuclidean"], default="l2")
     parser.add_argument("--methods", nargs="+", choices=list(SOLVERS), default=list(SOLVERS))
-    parser.add_argument("--repeats", type=int, default=3, help="minimum timed passes per size (median reported)")
-    parser.add_argument("--min-time", type=float, default=2.0, help="keep adding passes until this many seconds")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="minimum timed passes per size (median reported)"
+    )
+    parser.add_argument(
+        "--min-time", type=float, default=2.0, help="keep adding passes until this many seconds"
+    )
     parser.add_argument("--max-repeats", type=int, default=15, help="cap on passes per size")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--resolution", type=int, default=32, help="image side R; d = 3 R^2 (3072 at 32)")
@@ -184,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, load average {load:.1f}, cost {args.cost}, "
-          f"d = {3 * args.resolution**2}, repeats {args.repeats}")
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, load average {load:.1f}, "
+        f"cost {args.cost}, d = {3 * args.resolution**2}, repeats {args.repeats}"
+    )
     warm_up(args, device)
     results = {}
     for n in args.sizes:

@@ -8,7 +8,10 @@ checkpoints use EMA weights — and restores both copies on resume). What it add
   halflife = min(halflife_images, rampup_ratio * images_seen) (Karras et al. 2022, training_loop.py);
 - the EMA weights are swapped in from ``on_validation_start`` to ``on_validation_end`` (not just the validation
   *epoch* hooks), so every callback's ``on_validation_epoch_end`` — sample grids, FID — sees EMA weights whatever
-  the callback order (lightning-stack.md §7, "ordering trap").
+  the callback order (lightning-stack.md §7, "ordering trap");
+- the EMA weights are copied into the module at ``on_fit_end`` instead of ``on_train_end``: ModelCheckpoint writes
+  ``last.ckpt`` in its own ``on_train_end``, which runs after ours, and would otherwise store the EMA weights as
+  the "current" (raw) weights, so that a resumed run silently continues from the average.
 """
 
 from __future__ import annotations
@@ -69,11 +72,20 @@ class EMAHalfLife(WeightAveraging):
     ) -> None:
         x = batch["x"] if isinstance(batch, dict) else batch[0]
         images_per_step = x.shape[0] * trainer.world_size * trainer.accumulate_grad_batches
-        images_seen = trainer.global_step * images_per_step
+        images_seen = (trainer.global_step - 1) * images_per_step  # before this step, as EDM's cur_nimg
         self.beta = ema_beta(
             images_per_step * self.update_every_n_steps, self.halflife_images, images_seen, self.rampup_ratio
         )
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # see the module docstring: copying here would corrupt last.ckpt
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None:
+            self._copy_average_to_current(pl_module)
 
     # Swap for the whole validation run instead of the validation epoch (see module docstring).
     @override

@@ -38,6 +38,17 @@ NOISE, SIGMA, LABEL_DROP, VAL = 1, 2, 3, 4
 _PREDICT_STREAM = 1_000_003
 
 
+def plain_data(value: Any) -> Any:
+    """``value`` with everything but containers, strings, numbers, booleans, None and tensors replaced by repr."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_data(v) for v in value)
+    if value is None or isinstance(value, (str, int, float, bool, Tensor)):
+        return value
+    return repr(value)
+
+
 def adam(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     """EDM's optimizer: Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)."""
     return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
@@ -179,6 +190,13 @@ class DiffusionModule(L.LightningModule):
             for p in self.parameters():
                 if p.grad is not None:
                     torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Objects passed directly (a partial net factory, a lambda optimizer) would make the checkpoint need
+        # pickle; keep their repr so that checkpoints always load with torch.load(weights_only=True).
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_data(checkpoint["hyper_parameters"])
 
     # ------------------------------------------------------------------------------------------------ generation
     def sample_from(

@@ -1,28 +1,34 @@
-"""Denoiser networks: pure ``nn.Module`` classes, no Lightning imports.
+"""Denoiser networks F_theta (pure ``nn.Module``, no Lightning).
 
-Every net follows one interface (the LightningModules rely on it)::
+Every net follows one interface, relied on by the LightningModules and LightningCLI::
 
-    net = SomeNet(data_shape, num_classes, **architecture_kwargs)
-    out = net(x, noise_labels, class_labels)
-    # x: (B, *data_shape); noise_labels: (B,) float; class_labels: (B,) int64 or None; out: like x
+    net = Net(data_shape, num_classes, **architecture_kwargs)      # data_shape: one sample, e.g. (3, 32, 32)
+    out = net(x, noise_labels, class_labels=None)                  # x: (B, *data_shape) -> (B, *data_shape)
 
-``class_labels == -1`` (or ``None``) is the "no class" label of classifier-free guidance; unconditional nets
-(``num_classes == 0``) ignore ``class_labels``.
+``noise_labels``: (B,) float (EDM's c_noise = ln(sigma) / 4, or a DDPM timestep). ``class_labels``: (B,)
+int64, -1 = no class (classifier-free-guidance null label); ``None`` equals all -1. Unconditional nets ignore
+class labels.
 """
 
-from lightning_dpmot.nets.embeddings import FourierEmbedding, PositionalEmbedding, class_one_hot
-from lightning_dpmot.nets.layers import Resample2d, SelfAttention2d, UNetBlock
-from lightning_dpmot.nets.mlp import MLPDenoiserNet, ResidualMLPBlock
+from lightning_dpmot.nets.embeddings import (
+    ClassEmbedding,
+    FourierEmbedding,
+    PositionalEmbedding,
+    class_one_hot,
+    noise_embedding,
+)
+from lightning_dpmot.nets.layers import Conv2d, UNetBlock
+from lightning_dpmot.nets.mlp import MLPDenoiserNet
 from lightning_dpmot.nets.unet import DDPMppUNet
 
 __all__ = [
+    "ClassEmbedding",
+    "Conv2d",
     "DDPMppUNet",
     "FourierEmbedding",
     "MLPDenoiserNet",
     "PositionalEmbedding",
-    "Resample2d",
-    "ResidualMLPBlock",
-    "SelfAttention2d",
     "UNetBlock",
     "class_one_hot",
+    "noise_embedding",
 ]

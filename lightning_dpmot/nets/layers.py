@@ -1,78 +1,53 @@
-"""Building blocks of the DDPM++ / NCSN++ U-Net (EDM's ``SongUNet``): init, FIR resampling, attention, block.
+"""Building blocks of the DDPM++ / NCSN++ U-Net (EDM's ``SongUNet``): init, FIR resampling, conv, U-Net block.
 
 Conventions follow EDM (Karras et al. 2022, ``training/networks.py``):
 
-* weights are xavier-uniform with a gain (1 for the trunk, sqrt(0.2) for the attention qkv, 1e-5 for the last
+* weights xavier-uniform times a gain (1 for the trunk, sqrt(0.2) for the attention qkv, 1e-5 for the last
   conv of each residual branch, the attention output projection and the network's output conv), biases zero;
 * GroupNorm with ``min(32, C // 4)`` groups and eps 1e-6;
-* resampling with a separable FIR filter: ``[1, 1]`` is a 2x2 box (average pooling down, nearest-neighbour
-  up), ``[1, 3, 3, 1]`` the NCSN++ filter;
-* residual branches and attention are summed with the identity and scaled by ``skip_scale`` (1/sqrt(2)).
+* resampling by 2 with a separable FIR filter ``f f^T / (sum f)^2``: ``[1, 1]`` is the 2x2 box (average
+  pooling down, nearest-neighbour up), ``[1, 3, 3, 1]`` the NCSN++ filter;
+* residual sums and attention outputs are scaled by ``skip_scale`` = 1/sqrt(2).
+
+Parameter and buffer names match EDM's modules (``conv0``, ``affine``, ``qkv``, ``resample_filter``, ...), so
+a ``SongUNet`` state dict loads into :class:`~lightning_dpmot.nets.unet.DDPMppUNet` unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-Resampling = Literal["none", "up", "down"]
-
-GAIN_ATTN_QKV = math.sqrt(0.2)
+#: Gain of the attention qkv projection (EDM's ``init_attn``).
+GAIN_QKV = math.sqrt(0.2)
+#: Gain of the layers that close a residual branch (EDM's ``init_zero``): a fresh branch outputs ~0.
 GAIN_ZERO = 1e-5
 
 
-def xavier_init_(module: nn.Linear | nn.Conv2d, gain: float = 1.0) -> nn.Module:
-    """Xavier-uniform weight times gain (fan = channels x kernel area), zero bias; returns the module."""
+def xavier_init_(module: nn.Linear | nn.Conv2d | Conv2d, gain: float = 1.0) -> None:
+    """Xavier-uniform weight (fans = channels x kernel area) times gain, zero bias, in place."""
     nn.init.xavier_uniform_(module.weight, gain=gain)
     if module.bias is not None:
         nn.init.zeros_(module.bias)
-    return module
 
 
 def linear(in_features: int, out_features: int, bias: bool = True, gain: float = 1.0) -> nn.Linear:
     """``nn.Linear`` with EDM's xavier-uniform init."""
-    return xavier_init_(nn.Linear(in_features, out_features, bias=bias), gain)  # type: ignore[return-value]
-
-
-def conv2d(
-    in_channels: int, out_channels: int, kernel: int, gain: float = 1.0, padding: int | None = None
-) -> nn.Conv2d:
-    """Stride-1 ``nn.Conv2d`` with EDM's xavier-uniform init; "same" padding unless given."""
-    padding = kernel // 2 if padding is None else padding
-    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=padding)
-    return xavier_init_(conv, gain)  # type: ignore[return-value]
-
-
-def check_batch(x: Tensor, data_shape: tuple[int, ...]) -> int:
-    """Return the batch size B of x, raising ValueError unless x has shape (B, *data_shape)."""
-    if x.ndim != len(data_shape) + 1 or tuple(x.shape[1:]) != data_shape:
-        raise ValueError(f"x must have shape (B, {', '.join(map(str, data_shape))}), got {tuple(x.shape)}")
-    return x.shape[0]
-
-
-def noise_vector(noise_labels: Tensor | float, batch: int, device: torch.device) -> Tensor:
-    """noise_labels as a float32 (B,) vector on device; a scalar is broadcast to the batch."""
-    noise_labels = torch.as_tensor(noise_labels, device=device)
-    if noise_labels.ndim == 0:
-        noise_labels = noise_labels.expand(batch)
-    if noise_labels.shape != (batch,):
-        raise ValueError(
-            f"noise_labels must have shape ({batch},) or be a scalar, got {tuple(noise_labels.shape)}"
-        )
-    return noise_labels.to(torch.float32)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    xavier_init_(layer, gain)
+    return layer
 
 
 def num_groups(num_channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
-    """EDM's group count ``min(32, C // 4)``, lowered to the nearest divisor of C (and at least 1).
+    """EDM's GroupNorm group count ``min(32, C // 4)``, lowered to the nearest divisor of C (at least 1).
 
-    For the usual widths (multiples of 32 or 128) this is exactly EDM's count; the divisor rule only keeps
-    unusual widths (e.g. 200) valid.
+    For EDM's widths (multiples of 32, or of 4 below 128) this is exactly EDM's count; the divisor rule keeps
+    other widths (e.g. 144 = 48 + 96 in a decoder) valid instead of failing.
     """
     groups = max(1, min(max_groups, num_channels // min_channels_per_group))
     while num_channels % groups:
@@ -81,106 +56,155 @@ def num_groups(num_channels: int, max_groups: int = 32, min_channels_per_group: 
 
 
 def group_norm(num_channels: int, eps: float = 1e-6) -> nn.GroupNorm:
-    """GroupNorm with :func:`num_groups` groups and EDM's eps."""
+    """``nn.GroupNorm`` with :func:`num_groups` groups and EDM's eps."""
     return nn.GroupNorm(num_groups(num_channels), num_channels, eps=eps)
 
 
-class Resample2d(nn.Module):
-    """Depthwise FIR up/downsampling by a factor 2 with a separable filter ``f f^T / (sum f)^2``.
+def fir_filter(resample_filter: Sequence[int]) -> Tensor:
+    """Separable FIR kernel ``f f^T / (sum f)^2``: (len f,) -> (1, 1, len f, len f) float32.
 
-    ``down``: ``conv2d(x, filter, stride=2, padding=padding)`` per channel. ``up``: the transposed conv with
-    ``4 * filter`` (so a constant image stays constant). The default padding ``(len(f) - 1) // 2`` maps H to
-    exactly 2H / H/2. For the box filter ``[1, 1]`` (padding 0) the same operators run as
-    ``avg_pool2d`` / nearest-neighbour interpolation, which give identical results and are much faster.
+    Raises:
+        ValueError: not an even number of taps (odd filters cannot upsample by exactly 2) or a zero sum.
+    """
+    taps = torch.as_tensor([float(t) for t in resample_filter], dtype=torch.float32, device="cpu")
+    if taps.ndim != 1 or len(taps) == 0 or len(taps) % 2 or float(taps.sum()) == 0.0:
+        raise ValueError(
+            "resample_filter must be a 1-D list of an even number of taps with a non-zero sum, "
+            f"e.g. [1, 1] or [1, 3, 3, 1]; got {list(resample_filter)}"
+        )
+    return rearrange(torch.outer(taps, taps) / taps.sum().square(), "h w -> 1 1 h w")
+
+
+def _is_box(resample_filter: Sequence[int]) -> bool:
+    return len(resample_filter) == 2 and resample_filter[0] == resample_filter[1]
+
+
+def fir_downsample(x: Tensor, kernel: Tensor, padding: int, box: bool = False) -> Tensor:
+    """Depthwise FIR filter with stride 2: x (B, C, H, W) -> (B, C, (H + 2p - k) / 2 + 1, ...).
+
+    ``box`` (kernel = 2x2 box, padding 0) runs the identical operation as ``avg_pool2d``, which is faster.
+    """
+    if box and padding == 0:
+        return F.avg_pool2d(x, 2)
+    channels = x.shape[1]
+    weight = kernel.to(x.dtype).expand(channels, 1, -1, -1)
+    return F.conv2d(x, weight, stride=2, padding=padding, groups=channels)
+
+
+def fir_upsample(x: Tensor, kernel: Tensor, padding: int, box: bool = False) -> Tensor:
+    """Depthwise transposed FIR filter (4 * kernel) with stride 2: x (B, C, H, W) -> (B, C, 2H, 2W) for
+    ``padding = (k - 1) // 2``. ``box`` (2x2 box, padding 0) runs the same as nearest-neighbour upsampling."""
+    if box and padding == 0:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    channels = x.shape[1]
+    weight = (kernel.to(x.dtype) * 4).expand(channels, 1, -1, -1)
+    return F.conv_transpose2d(x, weight, stride=2, padding=padding, groups=channels)
+
+
+class Conv2d(nn.Module):
+    """Convolution with optional FIR up/downsampling by 2 (EDM's ``Conv2d``; same parameters and buffer).
+
+    * plain: ``conv(x)`` with "same" padding;
+    * ``down``: ``conv(fir_down(x))``; ``up``: ``conv(fir_up(x))``. A 1x1 conv commutes with the depthwise
+      filter, so ``up`` with ``kernel == 1`` runs as ``fir_up(conv(x))`` (4x fewer FLOPs, same result);
+    * ``fused_resample`` (``down`` only; NCSN++'s residual encoder): ``fir_down(conv(x))`` with the conv
+      padded by the kernel's and the filter's half-widths and the filter unpadded.
+    The bias is added last in every case.
 
     Args:
-        mode: ``"up"`` or ``"down"``.
-        resample_filter: 1-D FIR taps, e.g. ``[1, 1]`` (DDPM++) or ``[1, 3, 3, 1]`` (NCSN++).
-        padding: spatial padding of the filter; default ``(len(resample_filter) - 1) // 2``.
+        in_channels: input width.
+        out_channels: output width.
+        kernel: square kernel size (odd, >= 1).
+        bias: learn a bias.
+        up: upsample by 2.
+        down: downsample by 2.
+        resample_filter: FIR taps (even count), e.g. [1, 1] or [1, 3, 3, 1].
+        fused_resample: convolve before downsampling (see above).
+        gain: xavier-uniform gain of the weight.
     """
 
-    filter: Tensor
+    resample_filter: Tensor | None
 
     def __init__(
-        self, mode: Literal["up", "down"], resample_filter: Sequence[int] = (1, 1), padding: int | None = None
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter: Sequence[int] = (1, 1),
+        fused_resample: bool = False,
+        gain: float = 1.0,
     ) -> None:
         super().__init__()
-        if mode not in ("up", "down"):
-            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
-        taps = [float(t) for t in resample_filter]
-        if not taps or sum(taps) == 0:
-            raise ValueError(
-                f"resample_filter must be a non-empty list with a non-zero sum, got {resample_filter}"
-            )
-        self.mode = mode
-        self.taps = tuple(taps)
-        self.padding = (len(taps) - 1) // 2 if padding is None else padding
-        kernel = torch.tensor([[a * b / sum(taps) ** 2 for b in taps] for a in taps], dtype=torch.float32)
-        self.register_buffer("filter", rearrange(kernel, "h w -> 1 1 h w"), persistent=False)
-        self.is_box = len(taps) == 2 and taps[0] == taps[1] and self.padding == 0
+        if up and down:
+            raise ValueError("Conv2d cannot both upsample and downsample")
+        if fused_resample and not down:
+            raise ValueError("fused_resample is only defined for down=True")
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd size >= 1, got {kernel}")
+        self.in_channels, self.out_channels, self.kernel = in_channels, out_channels, kernel
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        xavier_init_(self, gain)
+        self.register_buffer("resample_filter", fir_filter(resample_filter) if up or down else None)
+        self.box = _is_box(resample_filter)
+        self.filter_pad = (len(resample_filter) - 1) // 2
+
+    def _add_bias(self, x: Tensor) -> Tensor:
+        return x if self.bias is None else x + rearrange(self.bias.to(x.dtype), "c -> c 1 1")
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, C, 2H, 2W) (up) or (B, C, H/2, W/2) (down)."""
-        if self.is_box:
-            if self.mode == "down":
-                return F.avg_pool2d(x, 2)
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        channels = x.shape[1]
-        weight = self.filter.to(x.dtype).expand(channels, 1, -1, -1)
-        if self.mode == "down":
-            return F.conv2d(x, weight, stride=2, padding=self.padding, groups=channels)
-        return F.conv_transpose2d(x, weight * 4, stride=2, padding=self.padding, groups=channels)
+        """x: (B, in_channels, H, W) -> (B, out_channels, H', W') with H' = 2H (up), H/2 (down) or H."""
+        weight = self.weight.to(x.dtype)
+        pad = self.kernel // 2
+        f = self.resample_filter
+        if f is None:
+            return F.conv2d(x, weight, None if self.bias is None else self.bias.to(x.dtype), padding=pad)
+        if self.fused_resample:
+            x = F.conv2d(x, weight, padding=pad + self.filter_pad)
+            return self._add_bias(fir_downsample(x, f, 0, self.box))
+        if self.up and self.kernel == 1:
+            return self._add_bias(fir_upsample(F.conv2d(x, weight), f, self.filter_pad, self.box))
+        if self.up:
+            x = fir_upsample(x, f, self.filter_pad, self.box)
+        else:
+            x = fir_downsample(x, f, self.filter_pad, self.box)
+        return F.conv2d(x, weight, None if self.bias is None else self.bias.to(x.dtype), padding=pad)
 
     def extra_repr(self) -> str:
-        return f"{self.mode}, resample_filter={list(self.taps)}, padding={self.padding}"
-
-
-class SelfAttention2d(nn.Module):
-    """Single-head self-attention over the H*W positions of a feature map (the attention of EDM's UNetBlock).
-
-    ``proj(attention(qkv(norm(x))))`` with softmax(q k^T / sqrt(C)) v, computed by
-    ``scaled_dot_product_attention``. Returns only the update; the caller adds the identity.
-
-    Args:
-        channels: C.
-        eps: GroupNorm eps.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.norm = group_norm(channels, eps)
-        self.qkv = conv2d(channels, 3 * channels, kernel=1, gain=GAIN_ATTN_QKV)
-        self.proj = conv2d(channels, channels, kernel=1, gain=GAIN_ZERO)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> update (B, C, H, W)."""
-        height = x.shape[-2]
-        qkv = self.qkv(self.norm(x))
-        # channel layout (c, three) as in EDM, so its qkv weights map over without permutation
-        q, k, v = rearrange(qkv, "b (c three) h w -> three b 1 (h w) c", three=3).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        return self.proj(rearrange(a, "b 1 (h w) c -> b c h w", h=height))
+        mode = "up" if self.up else "down" if self.down else "none"
+        return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}, resample={mode}"
 
 
 class UNetBlock(nn.Module):
-    """DDPM++ residual block with additive noise conditioning, optional resampling and self-attention.
+    """DDPM++ residual block: additive noise conditioning, optional resampling, optional self-attention.
 
-    ``x' = skip_scale * (skip(x) + conv1(dropout(silu(norm1(conv0(silu(norm0(x))) + affine(emb))))))``,
-    followed (if ``attention``) by ``x'' = skip_scale * (x' + attn(x'))``. With ``resample`` the block changes
-    the resolution: the residual branch resamples before ``conv0``, the skip path resamples before a 1x1 conv.
-    The skip path is the identity when neither the resolution nor the width changes.
+    Residual part (EDM's ``adaptive_scale=False``, ``resample_proj=True``)::
 
-    The forward takes ``emb`` explicitly so that further per-block inputs (e.g. a text ``context`` for
-    cross-attention) can be added as extra optional arguments and extra attention layers after ``attn``.
+        h = conv0(silu(norm0(x)))                 # conv0 resamples first when up/down
+        h = conv1(dropout(silu(norm1(h + affine(emb)))))
+        x = skip_scale * (h + skip(x))            # skip: 1x1 conv (with resampling) or identity
+
+    Attention part (if ``attention``): ``x = skip_scale * (x + proj(attn(qkv(norm2(x)))))``, softmax attention
+    over the H*W positions with ``num_heads`` heads (scaled_dot_product_attention).
+
+    The parts are separate methods so that later per-block inputs (e.g. a text ``context`` for
+    cross-attention) can be added as optional ``forward`` arguments and one more method after
+    :meth:`self_attention`.
 
     Args:
         in_channels: input width.
         out_channels: output width.
         emb_channels: width of the conditioning vector ``emb``.
-        resample: ``"none"``, ``"up"`` or ``"down"``.
-        attention: append single-head self-attention.
+        up: upsample by 2.
+        down: downsample by 2.
+        attention: append self-attention.
+        num_heads: attention heads (must divide out_channels).
         dropout: dropout probability before ``conv1``.
-        skip_scale: factor applied after each residual sum (EDM: 1/sqrt(2)).
+        skip_scale: factor after each residual sum (EDM: 1/sqrt(2)).
         eps: GroupNorm eps.
         resample_filter: FIR taps for the resampling.
     """
@@ -190,41 +214,56 @@ class UNetBlock(nn.Module):
         in_channels: int,
         out_channels: int,
         emb_channels: int,
-        resample: Resampling = "none",
+        up: bool = False,
+        down: bool = False,
         attention: bool = False,
+        num_heads: int = 1,
         dropout: float = 0.0,
         skip_scale: float = math.sqrt(0.5),
         eps: float = 1e-6,
         resample_filter: Sequence[int] = (1, 1),
     ) -> None:
         super().__init__()
-        if resample not in ("none", "up", "down"):
-            raise ValueError(f"resample must be 'none', 'up' or 'down', got {resample!r}")
-        self.in_channels, self.out_channels = in_channels, out_channels
+        if attention and (num_heads < 1 or out_channels % num_heads):
+            raise ValueError(f"num_heads={num_heads} must be >= 1 and divide out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        self.num_heads = num_heads if attention else 0
         self.dropout, self.skip_scale = dropout, skip_scale
-        self.resample = Resample2d(resample, resample_filter) if resample != "none" else None
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
+
         self.norm0 = group_norm(in_channels, eps)
-        self.conv0 = conv2d(in_channels, out_channels, kernel=3)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, **resample)
         self.affine = linear(emb_channels, out_channels)
         self.norm1 = group_norm(out_channels, eps)
-        self.conv1 = conv2d(out_channels, out_channels, kernel=3, gain=GAIN_ZERO)
-        needs_skip = in_channels != out_channels or self.resample is not None
-        self.skip = conv2d(in_channels, out_channels, kernel=1) if needs_skip else None
-        self.attn = SelfAttention2d(out_channels, eps) if attention else None
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, gain=GAIN_ZERO)
+        self.skip = None
+        if in_channels != out_channels or up or down:
+            self.skip = Conv2d(in_channels, out_channels, kernel=1, **resample)
+        if attention:
+            self.norm2 = group_norm(out_channels, eps)
+            self.qkv = Conv2d(out_channels, 3 * out_channels, kernel=1, gain=GAIN_QKV)
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, gain=GAIN_ZERO)
 
-    def _resample(self, x: Tensor) -> Tensor:
-        return self.resample(x) if self.resample is not None else x
+    def residual(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x: (B, in_channels, H, W), emb: (B, emb_channels) -> (B, out_channels, H', W')."""
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = h.add_(rearrange(self.affine(emb), "b c -> b c 1 1"))
+        h = F.dropout(F.silu(self.norm1(h)), p=self.dropout, training=self.training)
+        h = self.conv1(h)
+        return h.add_(self.skip(x) if self.skip is not None else x).mul_(self.skip_scale)
+
+    def self_attention(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W); channels of qkv are laid out (head, c, q/k/v) as in EDM."""
+        height = x.shape[-2]
+        qkv = self.qkv(self.norm2(x))
+        q, k, v = rearrange(qkv, "b (n c three) h w -> three b n (h w) c", n=self.num_heads, three=3)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v: (B, n, HW, c)
+        a = rearrange(a, "b n (h w) c -> b (n c) h w", h=height)
+        return self.proj(a).add_(x).mul_(self.skip_scale)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: (B, in_channels, H, W), emb: (B, emb_channels) -> (B, out_channels, H', W')."""
-        h = self.conv0(self._resample(F.silu(self.norm0(x))))
-        h = h + rearrange(self.affine(emb), "b c -> b c 1 1")
-        h = F.silu(self.norm1(h))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        skip = self._resample(x)
-        if self.skip is not None:
-            skip = self.skip(skip)
-        x = (h + skip) * self.skip_scale
-        if self.attn is not None:
-            x = (x + self.attn(x)) * self.skip_scale
+        x = self.residual(x, emb)
+        if self.num_heads:
+            x = self.self_attention(x)
         return x

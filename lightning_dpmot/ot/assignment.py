@@ -1,13 +1,13 @@
 """Square linear assignment (minibatch OT between n data points and n noises) behind one function.
 
-``perm = solve_assignment(C, method)`` returns a true permutation: data ``i`` is paired with noise ``perm[i]``,
-minimising (exactly or approximately) ``sum_i C[i, perm[i]]``.
+``perm = solve_assignment(C, method)`` returns a true permutation: data ``i`` is paired with noise
+``perm[i]``, minimising (exactly or approximately) ``sum_i C[i, perm[i]]``.
 
 Methods:
 
 * ``"exact"`` (default): Jonker-Volgenant shortest augmenting paths (``lap.lapjv``, CPU) on a normalised copy
-  of the cost. Normalisation keeps the optimal set (subtracting row constants and multiplying by a power of two
-  are exact in float64 for float32 input) and makes lapjv fast and robust:
+  of the cost. Normalisation keeps the optimal set (subtracting row constants and multiplying by a power of
+  two are exact in float64 for float32 input) and makes lapjv fast and robust:
 
   - *row reduction* ``C_ij - min_j C_ij``: lapjv starts with a column reduction, which on raw high-dimensional
     costs picks the same few rows (those with the smallest norms) for most columns; reducing the rows first
@@ -24,8 +24,8 @@ Methods:
 * ``"auction"``: epsilon-scaling auction on the cost's device
   (:func:`~lightning_dpmot.ot.auction.auction_assignment`); total within ``n * eps_final`` of the optimum.
 
-Degenerate sizes: n = 0 gives an empty permutation, n = 1 gives ``[0]``. Costs with NaN or inf entries, non-square
-or non-2-D costs, unknown methods and unknown options raise ``ValueError``.
+Degenerate sizes: n = 0 gives an empty permutation, n = 1 gives ``[0]``. Costs with NaN or inf entries,
+non-square or non-2-D costs, unknown methods and unknown options raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def _normalise_for_lapjv(cost: Tensor, warm_start: bool) -> np.ndarray:
         duals = sinkhorn_potentials(cost, reg=WARM_START_REG)
         reduced = cost.to(torch.float64) - rearrange(duals.f, "n -> n 1") - duals.g
         return _row_reduce_and_scale(reduced.cpu().numpy())
-    return _row_reduce_and_scale(cost.cpu().numpy().astype(np.float64))
+    host_dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float64
+    return _row_reduce_and_scale(cost.to("cpu", host_dtype).numpy().astype(np.float64))
 
 
 def _row_reduce_and_scale(c: np.ndarray) -> np.ndarray:
-    """In place on a float64 array: ``c -= row minima``, then scale by a power of two so the maximum is in [1, 2)."""
+    """In place on a float64 array: subtract row minima, then scale by a power of two into [0, 2)."""
     c -= c.min(1, keepdims=True)
     peak = float(c.max())
     if peak > 0.0:
@@ -108,7 +109,7 @@ def solve_scipy(cost: Tensor) -> Tensor:
 
 
 def solve_auction(cost: Tensor, **options: Any) -> Tensor:
-    """Epsilon-scaling auction; ``options`` are those of :func:`~lightning_dpmot.ot.auction.auction_assignment`.
+    """Epsilon-scaling auction; ``options`` as in :func:`~lightning_dpmot.ot.auction.auction_assignment`.
 
     Returns:
         (n,) int64 permutation on the cost's device, total within ``n * eps`` of the optimum.
@@ -141,14 +142,18 @@ def check_cost_matrix(cost: Tensor) -> None:
     if cost.dim() != 2:
         raise ValueError(f"cost must be a 2-D (n, n) matrix, got shape {tuple(cost.shape)}")
     if cost.shape[0] != cost.shape[1]:
-        raise ValueError(f"cost must be square (n, n) for a one-to-one assignment, got shape {tuple(cost.shape)}")
+        raise ValueError(
+            f"cost must be square (n, n) for a one-to-one assignment, got shape {tuple(cost.shape)}"
+        )
     if cost.dtype == torch.bool or cost.is_complex():
         raise ValueError(f"cost must be a real-valued matrix, got dtype {cost.dtype}")
     # one reduction in the common case; the entry count only when the sum is not finite (NaN/inf or overflow)
     if cost.is_floating_point() and not math.isfinite(float(cost.detach().sum(dtype=torch.float64))):
         bad = int((~torch.isfinite(cost)).sum())
         if bad:
-            raise ValueError(f"cost contains NaN or inf entries ({bad} of {cost.numel()}); costs must be finite")
+            raise ValueError(
+                f"cost contains NaN or inf entries ({bad} of {cost.numel()}); costs must be finite"
+            )
 
 
 def _check_options(method: str, options: dict[str, Any]) -> None:
@@ -171,7 +176,9 @@ def solve_assignment(cost: Tensor, method: str = "exact", **options: Any) -> Ten
         (n,) int64 permutation on the cost's device: row ``i`` is assigned column ``perm[i]``.
     """
     if method not in _SOLVERS:
-        raise ValueError(f"unknown assignment method {method!r}; valid methods are {', '.join(map(repr, METHODS))}")
+        raise ValueError(
+            f"unknown assignment method {method!r}; valid methods are {', '.join(map(repr, METHODS))}"
+        )
     _check_options(method, options)
     check_cost_matrix(cost)
     n = cost.shape[0]

@@ -1,22 +1,25 @@
 """Bertsekas' auction algorithm with epsilon-scaling, vectorised in torch (runs on the cost's device).
 
-Minimisation form. Row ``i`` (a "person") holding column ``j`` (an "object") pays ``C_ij + p_j``; the prices ``p``
-start at 0 (or at a warm start such as Sinkhorn's column potentials) and only rise. In every round all
+Minimisation form. Row ``i`` (a "person") holding column ``j`` (an "object") pays ``C_ij + p_j``; the prices
+``p`` start at 0 (or at a warm start such as Sinkhorn's column potentials) and only rise. In every round all
 unassigned rows bid at once (Jacobi auction): row ``i`` finds its best column ``j1`` with value
-``w1 = min_j (C_ij + p_j)`` and the second best value ``w2``, and offers to raise ``p_j1`` by ``w2 - w1 + eps``.
-Each column goes to its highest bidder (ties: lowest row index), whose offer becomes the new price; the evicted
-owner is unassigned again.
+``w1 = min_j (C_ij + p_j)`` and the second best value ``w2``, and offers to raise ``p_j1`` by
+``w2 - w1 + eps``. Each column goes to its highest bidder (ties: lowest row index), whose offer becomes the
+new price; the evicted owner is unassigned again.
 
 Invariant (eps-complementary slackness): every assigned row holds a column within ``eps`` of its best value,
 ``C[i, perm_i] + p[perm_i] <= min_j (C_ij + p_j) + eps``. Summing over rows when all are assigned gives the
-**optimality-gap bound** ``sum_i C[i, perm_i] <= OPT + n * eps_final``; for integer costs ``eps_final < 1 / n``
-makes the result exactly optimal.
+**optimality-gap bound** ``sum_i C[i, perm_i] <= OPT + n * eps_final``; for integer costs
+``eps_final < 1 / n`` makes the result exactly optimal.
 
-Epsilon-scaling: phases with ``eps_start, eps_start * scaling, ..., eps_final`` reuse the prices of the previous
-phase; rows whose column still satisfies eps-CS for the smaller ``eps`` keep it, the others bid again. Costs are
-first reduced by their row minima (which changes no assignment) and divided by their spread
-(:func:`~lightning_dpmot.ot.costs.cost_scale`) so the arithmetic is scale free; it runs in float64 by default so
-that price increments of ``eps`` are never lost to rounding, whatever the magnitude of the costs.
+Epsilon-scaling: phases with ``eps_start, eps_start * scaling, ..., eps_final`` reuse the prices of the
+previous phase; rows whose column still satisfies eps-CS for the smaller ``eps`` keep it, the others bid
+again. Costs are first reduced by their row minima (which changes no assignment) and divided by their spread
+(:func:`~lightning_dpmot.ot.costs.cost_scale`) so the arithmetic is scale free; it runs in float64 by default
+so that price increments of ``eps`` are never lost to rounding, whatever the magnitude of the costs.
+
+A one-bidder round is run as an eviction chain (the evicted owner bids next) with scalar indexing, which
+removes most of the per-round overhead in the long single-bidder tails of each phase.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class AuctionResult(NamedTuple):
 
     Attributes:
         perm: (n,) int64 permutation, row ``i`` is assigned column ``perm[i]``.
-        prices: (n,) final column prices in the units of the row-reduced cost ``C_ij - min_j C_ij``.
+        prices: (n,) final column prices in cost units (valid for the cost plus any row constants; reusable as
+            a warm start for a nearby problem).
         eps: the final epsilon in cost units; ``assignment_cost - OPT <= n * eps``.
         rounds: total number of bidding rounds over all phases.
     """
@@ -94,7 +98,9 @@ def _bidding_round(cost: Tensor, prices: Tensor, owner: Tensor, assigned: Tensor
     assigned[rows] = cols
 
 
-def _bidding_chain(cost: Tensor, prices: Tensor, owner: Tensor, assigned: Tensor, eps: float, row: int) -> int:
+def _bidding_chain(
+    cost: Tensor, prices: Tensor, owner: Tensor, assigned: Tensor, eps: float, row: int
+) -> int:
     """Rounds with a single free row, run as one eviction chain; returns the number of bids made.
 
     With one bidder a Jacobi round is a plain sequential bid: the bidder takes its best column and the evicted
@@ -144,7 +150,11 @@ def auction_phases(
         :class:`AuctionResult` in the cost's units.
     """
     n, device = cost.shape[0], cost.device
-    p = torch.zeros(n, dtype=cost.dtype, device=device) if prices is None else prices.to(device, cost.dtype).clone()
+    p = (
+        torch.zeros(n, dtype=cost.dtype, device=device)
+        if prices is None
+        else prices.to(device, cost.dtype).clone()
+    )
     owner = torch.full((n,), -1, dtype=torch.long, device=device)
     assigned = torch.full((n,), -1, dtype=torch.long, device=device)
     rounds = 0
@@ -155,7 +165,9 @@ def auction_phases(
             if free.numel() == 0:
                 break
             if rounds >= max_rounds:
-                raise RuntimeError(f"auction did not finish within max_rounds={max_rounds}; increase it or eps")
+                raise RuntimeError(
+                    f"auction did not finish within max_rounds={max_rounds}; increase it or eps"
+                )
             if free.numel() == 1:
                 rounds += _bidding_chain(cost, p, owner, assigned, phase_eps, int(free))
             else:
@@ -197,13 +209,19 @@ def auction_assignment(
     n = cost.shape[0]
     device = cost.device
     if n <= 1:
-        return AuctionResult(torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=dtype,
-                             device=device), 0.0, 0)
+        return AuctionResult(
+            torch.zeros(n, dtype=torch.long, device=device),
+            torch.zeros(n, dtype=dtype, device=device),
+            0.0,
+            0,
+        )
     c = cost.to(dtype)
     c = c - c.min(1, keepdim=True).values
     scale = float(cost_scale(c))
     if not scale > 0.0:  # C_ij = a_i + b_j: every permutation is optimal
-        return AuctionResult(torch.arange(n, device=device), torch.zeros(n, dtype=dtype, device=device), 0.0, 0)
+        return AuctionResult(
+            torch.arange(n, device=device), torch.zeros(n, dtype=dtype, device=device), 0.0, 0
+        )
     eps_final = DEFAULT_REL_EPS * scale if eps is None else float(eps)
     if eps_start is None:
         eps_start = eps_final if prices is not None else max(scale, eps_final)

@@ -5,19 +5,19 @@
 * ``"l2"``: the Euclidean distance ``||x_i - y_j||_2`` (AOT's cost), and
 * ``"sqeuclidean"``: its square ``||x_i - y_j||_2^2`` (OT-CFM / torchcfm, W2).
 
-Both are computed from the expansion ``||x||^2 + ||y||^2 - 2 x.y^T`` (one GEMM per row chunk, never an
-(n, m, d) difference tensor). Before the GEMM both batches are shifted by their common mean, which leaves every
+Both are computed from the expansion ``||x||^2 + ||y||^2 - 2 x.y^T``: one GEMM per row chunk, never an
+(n, m, d) difference tensor. Before the GEMM both batches are shifted by their common mean, which leaves every
 distance unchanged but shrinks the norms, so the cancellation error of the expansion stays small even for data
-far from the origin (e.g. pixel values in [0, 255]). Squared distances are clamped at 0 before the square root.
-In float32 this is as accurate as ``torch.cdist`` (max abs error ~1e-5 on 3072-d unit-scale data) and a little
-faster; ``dtype=torch.float64`` gives errors ~1e-14.
+far from the origin (e.g. pixel values in [0, 255]). Squared distances are clamped at 0 before the square
+root. In float32 this is as accurate as ``torch.cdist`` (max abs error ~1e-5 on 3072-d unit-scale data) and
+as fast or a little faster; ``dtype=torch.float64`` gives errors ~1e-14.
 
 Invariance of the assignment. For a permutation ``pi`` the total cost ``sum_i C[i, pi(i)]`` changes by the
-constant ``sum_i a_i + sum_j b_j`` when ``C_ij`` is replaced by ``C_ij - a_i - b_j``: every permutation uses each
-row and each column exactly once. Subtracting row and column constants therefore never changes the optimal
-assignment. For ``"sqeuclidean"`` the terms ``||x_i||^2`` and ``||y_j||^2`` are such constants, so a solver may
-work on ``-2 x.y^T`` (see :func:`inner_product_cost`). For ``"l2"`` the square root mixes the three terms and no
-such reduction exists: the two costs have different optimal permutations in general.
+constant ``sum_i a_i + sum_j b_j`` when ``C_ij`` is replaced by ``C_ij - a_i - b_j``: every permutation uses
+each row and each column exactly once. Subtracting row and column constants therefore never changes the
+optimal assignment. For ``"sqeuclidean"`` the terms ``||x_i||^2`` and ``||y_j||^2`` are such constants, so a
+solver may work on ``-2 x.y^T`` (see :func:`inner_product_cost`). For ``"l2"`` the square root mixes the three
+terms and no such reduction exists: the two costs have different optimal permutations in general.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ _CHUNK_ELEMENTS = 1 << 22
 def _flatten_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Flatten (n, *S) and (m, *S) to (n, d) and (m, d), checking that the trailing shapes agree."""
     if x.dim() < 1 or y.dim() < 1:
-        raise ValueError(f"x and y need a leading batch dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y need a leading batch dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[1:] != y.shape[1:]:
         raise ValueError(
             f"x and y must have the same per-sample shape, got {tuple(x.shape[1:])} and {tuple(y.shape[1:])} "
@@ -109,7 +111,8 @@ def inner_product_cost(x: Tensor, y: Tensor, dtype: torch.dtype = torch.float32)
     """The reduced squared-Euclidean cost ``-2 x.y^T``.
 
     It differs from ``pairwise_cost(x, y, "sqeuclidean")`` by the row constants ``||x_i||^2`` and the column
-    constants ``||y_j||^2`` only, so it has the same optimal assignments (module docstring). Not valid for ``"l2"``.
+    constants ``||y_j||^2`` only, so it has the same optimal assignments (module docstring). Not valid for
+    ``"l2"``.
 
     Args:
         x: (n, *S) first batch.
@@ -127,7 +130,8 @@ def cost_scale(cost: Tensor) -> Tensor:
     """Spread of a cost matrix that ignores row and column constants.
 
     The standard deviation of the double-centred matrix ``C_ij - mean_j C_ij - mean_i C_ij + mean C``: adding
-    ``a_i + b_j`` to ``C`` (which changes no assignment) leaves it unchanged, and it scales linearly with ``C``.
+    ``a_i + b_j`` to ``C`` (which changes no assignment) leaves it unchanged, and it scales linearly with
+    ``C``.
     Solvers use it to express regularisation and tolerances relative to the problem.
 
     Args:

@@ -64,7 +64,13 @@ from lightning_dpmot.ot.semidiscrete_fit import (
 
 Criterion = Literal["rms", "max"]
 
-#: Default Adam step as a fraction of the score scale ``sigma_x * RMS_i ||y_i - mean(y)||``.
+#: Default Adam step as a fraction of :attr:`SemiDiscreteOT.score_scale`. Adam moves each h_i by about lr per
+#: step, and the Monte Carlo jitter of h (hence the error plateau) grows with lr. Sweep at M = 10 N, constant
+#: lr, power-law targets (d = 256), held-out debiased relative RMS mass error after 50 / 100 / 200 steps:
+#: N = 2000: 0.01 -> 0.59 / 0.24 / 0.10; 0.02 -> 0.22 / 0.12 / 0.11; 0.04 -> 0.15 / 0.15 / 0.16 (plateau).
+#: N = 300:  0.01 -> 0.31 / 0.15 / 0.08; 0.02 -> 0.15 / 0.10 / 0.09; 0.04 -> 0.14 / 0.13 / 0.11.
+#: Low dimension with many targets is harder: at h = 0 only the extreme points of the targets own a cell, and
+#: h must first travel ~score_scale (pass a larger lr or run longer).
 DEFAULT_RELATIVE_LR = 0.02
 
 

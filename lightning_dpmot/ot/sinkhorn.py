@@ -2,14 +2,14 @@
 
 Problem. For a square cost ``C`` (n, n) and ``eps > 0`` the entropic plan is
 ``P_ij = exp((f_i + g_j - C_ij) / eps)`` with potentials ``f, g`` chosen so that every row and column of ``P``
-sums to 1 (the doubly stochastic scaling of the uniform-marginal problem). As ``eps -> 0`` the plan tends to an
-optimal assignment and ``-g`` to optimal column prices.
+sums to 1 (the doubly stochastic scaling of the uniform-marginal problem). As ``eps -> 0`` the plan tends to
+an optimal assignment and ``-g`` to optimal column prices.
 
 Algorithm (stabilised Sinkhorn with epsilon-scaling and absorption, Schmitzer 2019):
 
-1. Normalise: ``c = (C - row minima - column minima) / s`` with ``s = cost_scale(C)``. Row and column constants
-   change neither the plan nor the assignment, and ``eps = reg * s`` makes ``reg`` relative to the spread of
-   the costs, so the same ``reg`` works for Euclidean or squared costs, 3 or 3072 dimensions.
+1. Normalise: ``c = (C - row minima - column minima) / s`` with ``s = cost_scale(C)``. Row and column
+   constants change neither the plan nor the assignment, and ``eps = reg * s`` makes ``reg`` relative to the
+   spread of the costs, so the same ``reg`` works for Euclidean or squared costs, 3 or 3072 dimensions.
 2. For ``eps`` decreasing geometrically from ``reg_start`` to ``reg``: absorb the current potentials into the
    kernel ``K = exp((f + g - c) / eps)`` (entries near the plan are O(1), so no overflow), then alternate the
    matrix-vector scalings ``u = 1 / (K v)``, ``v = 1 / (K^T u)`` until the row sums are within ``tol`` of 1;
@@ -110,7 +110,7 @@ def _scale_stage(
 
 
 def _normalise(cost: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Step 1 in float64: returns (reduced / s, row minima, column minima, s); s = 0 for ``a_i + b_j`` costs."""
+    """Step 1 in float64: returns (reduced / s, row minima, column minima, s); s = 0 for ``a_i + b_j``."""
     reduced, rows, cols = _reduce(cost.to(torch.float64))
     scale = float(cost_scale(reduced))
     return (reduced / scale if scale > 0.0 else reduced), rows, cols, scale
@@ -132,7 +132,9 @@ def _sinkhorn_normalised(
         f, g, it, error = _scale_stage(c, f, g, eps, max_iter, tol, check_every=5)
         total += it
         if not bool(torch.isfinite(f).all() and torch.isfinite(g).all()):
-            raise RuntimeError(f"Sinkhorn produced non-finite potentials at relative eps={eps:g}; increase reg")
+            raise RuntimeError(
+                f"Sinkhorn produced non-finite potentials at relative eps={eps:g}; increase reg"
+            )
         if eps <= reg:
             return f, g, total, error
         eps = max(eps * scaling, reg)
@@ -166,12 +168,16 @@ def sinkhorn_potentials(
     if scale == 0.0:  # C_ij = a_i + b_j: the uniform plan is optimal
         return SinkhornResult(rows, cols, 0.0, 0, 0.0)
     f, g, total, error = _sinkhorn_normalised(c.to(dtype), reg, reg_start, scaling, max_iter, tol)
-    return SinkhornResult(f.to(torch.float64) * scale + rows, g.to(torch.float64) * scale + cols, reg * scale,
-                          total, error)
+    return SinkhornResult(
+        f.to(torch.float64) * scale + rows, g.to(torch.float64) * scale + cols, reg * scale, total, error
+    )
 
 
 def round_greedy(log_plan: Tensor) -> Tensor:
     """Round a (log-)plan to a permutation by repeated mutual-argmax matching.
+
+    Each pass matches every remaining row whose best remaining column prefers it back (ties to the lowest
+    index), so at least the global maximum is matched and at most n passes are needed (a few in practice).
 
     Args:
         log_plan: (n, n) scores, larger = more mass (a plan or its logarithm).

@@ -19,7 +19,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def make_cost(kind: str, n: int = N, seed: int = 0) -> torch.Tensor:
-    """Test matrices (float64): random, tied integers, duplicated rows/columns, constant, 1e12-scale, negative."""
+    """Float64 test matrices: random, tied integers, duplicated rows/columns, constant, 1e12-scale, < 0."""
     g = _gen(seed)
     if kind == "random":
         return torch.rand(n, n, generator=g, dtype=torch.float64)
@@ -79,17 +79,30 @@ def test_exact_methods_reach_scipy_optimum(kind: str, method: str) -> None:
 
 
 def test_exact_robust_to_1e12_scale_costs() -> None:
-    """Raw ``lap.lapjv`` returns a sub-optimal permutation for 4 of these 20 matrices (its internal "infinity" is
-    1e6); the row reduction plus power-of-two scaling of ``"exact"`` must solve all of them."""
+    """Raw ``lap.lapjv`` returns a sub-optimal permutation for 4 of these 20 matrices (its internal
+    "infinity" is 1e6); the row reduction plus power-of-two scaling of ``"exact"`` must solve all of them."""
     for seed in range(20):
         cost = make_cost("huge", seed=seed)
-        assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(scipy_optimum(cost), rel=1e-13)
+        assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(
+            scipy_optimum(cost), rel=1e-13
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_cost_accepted(method: str) -> None:
+    cost = make_cost("ties", n=16, seed=9).to(torch.bfloat16)
+    perm = solve_assignment(cost, method)
+    assert_permutation(perm, 16)
+    if method in ("exact", "scipy"):
+        assert float(assignment_cost(cost.double(), perm)) == scipy_optimum(cost.double())
 
 
 def test_exact_float32_and_integer_inputs() -> None:
     cost64 = make_cost("random", n=50, seed=7)
     opt = scipy_optimum(cost64.float().double())
-    assert float(assignment_cost(cost64.float().double(), solve_assignment(cost64.float()))) == pytest.approx(opt)
+    assert float(assignment_cost(cost64.float().double(), solve_assignment(cost64.float()))) == pytest.approx(
+        opt
+    )
     ints = torch.randint(0, 1000, (40, 40), generator=_gen(8))
     perm = solve_assignment(ints)
     assert int(assignment_cost(ints, perm)) == round(scipy_optimum(ints.double()))
@@ -105,7 +118,9 @@ def test_exact_warm_start_keeps_optimum(kind: str) -> None:
 
 def test_exact_on_structured_problem_matches_scipy() -> None:
     cost = structured_problem(96, seed=0)
-    assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(scipy_optimum(cost), rel=1e-13)
+    assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(
+        scipy_optimum(cost), rel=1e-13
+    )
 
 
 # --------------------------------------------------------------------------------------------------- auction
@@ -192,10 +207,15 @@ def test_sinkhorn_potentials_give_doubly_stochastic_plan() -> None:
 def test_sinkhorn_invariant_to_row_and_column_constants() -> None:
     cost = structured_problem(48, seed=3)
     g = _gen(5)
-    shifted = cost + 50 * torch.rand(48, 1, generator=g, dtype=torch.float64) + torch.rand(1, 48, generator=g,
-                                                                                          dtype=torch.float64)
-    assert torch.equal(solve_assignment(cost, "sinkhorn", rounding="greedy"),
-                       solve_assignment(shifted, "sinkhorn", rounding="greedy"))
+    shifted = (
+        cost
+        + 50 * torch.rand(48, 1, generator=g, dtype=torch.float64)
+        + torch.rand(1, 48, generator=g, dtype=torch.float64)
+    )
+    assert torch.equal(
+        solve_assignment(cost, "sinkhorn", rounding="greedy"),
+        solve_assignment(shifted, "sinkhorn", rounding="greedy"),
+    )
 
 
 def test_round_greedy_recovers_a_permutation_matrix() -> None:
@@ -205,7 +225,9 @@ def test_round_greedy_recovers_a_permutation_matrix() -> None:
 
 
 def test_sinkhorn_bad_rounding() -> None:
-    with pytest.raises(ValueError, match="unknown rounding 'nearest'; valid roundings are 'auction', 'greedy'"):
+    with pytest.raises(
+        ValueError, match="unknown rounding 'nearest'; valid roundings are 'auction', 'greedy'"
+    ):
         solve_assignment(make_cost("random"), "sinkhorn", rounding="nearest")
 
 
@@ -226,8 +248,9 @@ def test_output_is_int64_on_cost_device_and_ignores_grad(method: str) -> None:
 
 def test_unknown_method_lists_methods() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown assignment method 'hungarian'; valid methods are 'exact', 'scipy', 'sinkhorn', "
-        r"'auction'"
+        ValueError,
+        match=r"unknown assignment method 'hungarian'; valid methods are 'exact', 'scipy', 'sinkhorn', "
+        r"'auction'",
     ):
         solve_assignment(make_cost("random"), "hungarian")
 
@@ -242,7 +265,9 @@ def test_non_finite_cost_rejected(bad: float, method: str) -> None:
 
 
 def test_shape_errors() -> None:
-    with pytest.raises(ValueError, match=r"cost must be square \(n, n\) for a one-to-one assignment, got shape \(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"cost must be square \(n, n\) for a one-to-one assignment, got shape \(3, 4\)"
+    ):
         solve_assignment(torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"cost must be a 2-D \(n, n\) matrix, got shape \(4,\)"):
         solve_assignment(torch.zeros(4))
@@ -251,9 +276,13 @@ def test_shape_errors() -> None:
 
 
 def test_unknown_option_rejected() -> None:
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['reg'\] for method 'exact'; valid options: warm_start"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['reg'\] for method 'exact'; valid options: warm_start"
+    ):
         solve_assignment(make_cost("random"), "exact", reg=0.1)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['warm_start'\] for method 'scipy'; valid options: none"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['warm_start'\] for method 'scipy'; valid options: none"
+    ):
         solve_assignment(make_cost("random"), "scipy", warm_start=True)
 
 

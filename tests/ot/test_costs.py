@@ -47,7 +47,9 @@ def test_chunked_equals_unchunked(batches, chunk: int) -> None:
     x, y = batches
     for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
         full = pairwise_cost(x, y, "l2", dtype=dtype)
-        torch.testing.assert_close(pairwise_cost(x, y, "l2", chunk_size=chunk, dtype=dtype), full, rtol=tol, atol=tol)
+        torch.testing.assert_close(
+            pairwise_cost(x, y, "l2", chunk_size=chunk, dtype=dtype), full, rtol=tol, atol=tol
+        )
 
 
 def test_l2_squared_is_sqeuclidean(batches) -> None:
@@ -67,7 +69,7 @@ def test_self_distance_is_zero_not_nan() -> None:
 
 
 def test_translation_invariant_far_from_origin() -> None:
-    """Common-mean centring keeps fp32 accurate for data far from 0 (naive expansion would lose ~all digits)."""
+    """Common-mean centring keeps fp32 accurate for data far from 0 (the naive expansion loses all digits)."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(16, 64, generator=g), torch.rand(12, 64, generator=g)
     ref = naive_sq(x, y)
@@ -102,7 +104,10 @@ def test_bad_dtype_and_chunk() -> None:
 def test_row_column_constants_do_not_change_optimum() -> None:
     g = torch.Generator().manual_seed(2)
     cost = torch.rand(30, 30, generator=g, dtype=torch.float64)
-    a, b = torch.randn(30, generator=g, dtype=torch.float64) * 100, torch.randn(30, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.randn(30, generator=g, dtype=torch.float64) * 100,
+        torch.randn(30, generator=g, dtype=torch.float64),
+    )
     shifted = cost + a[:, None] + b[None, :]
     # optimum of the shifted problem, evaluated on the original cost, is the original optimum
     assert lsa_total(cost, on=shifted) == pytest.approx(lsa_total(cost), rel=1e-12)
@@ -111,7 +116,10 @@ def test_row_column_constants_do_not_change_optimum() -> None:
 
 def test_inner_product_form_valid_for_sqeuclidean_only() -> None:
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(48, 8, generator=g, dtype=torch.float64), torch.randn(48, 8, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.randn(48, 8, generator=g, dtype=torch.float64),
+        torch.randn(48, 8, generator=g, dtype=torch.float64),
+    )
     sq = pairwise_cost(x, y, "sqeuclidean", dtype=torch.float64)
     inner = inner_product_cost(x, y, dtype=torch.float64)
     torch.testing.assert_close(sq - inner, (x.square().sum(1)[:, None] + y.square().sum(1)[None, :]))
@@ -124,7 +132,10 @@ def test_inner_product_form_valid_for_sqeuclidean_only() -> None:
 def test_cost_scale_invariances() -> None:
     g = torch.Generator().manual_seed(4)
     cost = torch.rand(20, 20, generator=g, dtype=torch.float64)
-    a, b = torch.randn(20, 1, generator=g, dtype=torch.float64), torch.randn(1, 20, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.randn(20, 1, generator=g, dtype=torch.float64),
+        torch.randn(1, 20, generator=g, dtype=torch.float64),
+    )
     s = float(cost_scale(cost))
     assert s > 0
     assert float(cost_scale(cost + a + b)) == pytest.approx(s, rel=1e-10)

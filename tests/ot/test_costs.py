@@ -141,3 +141,15 @@ def test_cost_scale_invariances() -> None:
     assert float(cost_scale(cost + a + b)) == pytest.approx(s, rel=1e-10)
     assert float(cost_scale(3.0 * cost)) == pytest.approx(3.0 * s, rel=1e-12)
     assert float(cost_scale(a + b)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("cost", ["l2", "sqeuclidean"])
+def test_gradient_matches_cdist(cost: str) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pairwise_cost(ours, y, cost, chunk_size=2, dtype=torch.float64).sum().backward()
+    dist = torch.cdist(ref, y)
+    (dist if cost == "l2" else dist.square()).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad)

@@ -58,6 +58,7 @@ class EMAHalfLife(WeightAveraging):
         self.rampup_ratio = rampup_ratio
         self.update_every_n_steps = update_every_n_steps
         self.beta = 0.0
+        self.swapped_in = False  # True while the module holds the EMA weights (during validation)
 
     def _lerp(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         torch._foreach_lerp_(averaged, current, 1.0 - self.beta)
@@ -98,10 +99,26 @@ class EMAHalfLife(WeightAveraging):
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._average_model is not None:
+        if self._average_model is not None and not self.swapped_in:
             self._swap_models(pl_module)
+            self.swapped_in = True
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._average_model is not None:
+        if self._average_model is not None and self.swapped_in:
             self._swap_models(pl_module)
+            self.swapped_in = False
+
+    def ema_module(self, pl_module: L.LightningModule) -> L.LightningModule:
+        """A module holding the EMA weights right now: ``pl_module`` while swapped in, else the averaged copy."""
+        if self._average_model is None or self.swapped_in:
+            return pl_module
+        return self._average_model.module
+
+
+def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The module with EMA weights if an :class:`EMAHalfLife` callback is active, else ``pl_module``."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMAHalfLife):
+            return callback.ema_module(pl_module)
+    return pl_module

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from lightning_dpmot.callbacks.ema import ema_module
 from lightning_dpmot.sampling.spec import SamplerSpec
 from lightning_dpmot.utils.images import make_grid, save_png, save_scatter
 
@@ -17,7 +18,7 @@ class SampleGrid(L.Callback):
     """Generate a fixed set of samples (same seeds every time, EMA weights) and save them.
 
     Images are tiled into ``samples/step=<global_step>.png`` (plus ``samples/latest.png``) under the trainer's log
-    directory; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives; skipped under
+    directory after every ``every_n_epochs``-th validation, and into ``samples/final.png`` when training ends; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives; skipped under
     ``fast_dev_run``.
 
     Args:
@@ -52,19 +53,29 @@ class SampleGrid(L.Callback):
         if trainer.is_global_zero:
             self.last_path = self.write(trainer, pl_module, out_dir)
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> Path:
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        if trainer.is_global_zero:
+            self.last_path = self.write(trainer, ema_module(trainer, pl_module), out_dir, name="final.png")
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path, name: str | None = None) -> Path:
         seeds = torch.arange(self.seed_offset, self.seed_offset + self.num_samples)
         num_classes = getattr(pl_module, "num_classes", 0)
         labels = seeds % num_classes if num_classes else None
         result = pl_module.generate(seeds, labels, self.sampler)
-        path = out_dir / f"step={trainer.global_step:08d}.png"
+        path = out_dir / (name or f"step={trainer.global_step:08d}.png")
         if result.x.ndim == 4:
             grid = make_grid(result.x)
             save_png(grid, path)
-            save_png(grid, out_dir / "latest.png")
+            if name is None:
+                save_png(grid, out_dir / "latest.png")
         else:
             save_scatter(result.x[:, :2], path, title=f"step {trainer.global_step}, NFE {result.nfe}")
-            save_scatter(result.x[:, :2], out_dir / "latest.png", title=f"step {trainer.global_step}")
+            if name is None:
+                save_scatter(result.x[:, :2], out_dir / "latest.png", title=f"step {trainer.global_step}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=self.log_key, images=[str(path)], step=trainer.global_step,

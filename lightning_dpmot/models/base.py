@@ -228,9 +228,14 @@ class DiffusionModule(L.LightningModule):
         churn = StackedGenerator(seeds + _PREDICT_STREAM, device=self.device)
         if labels is not None:
             labels = labels.to(self.device)
-        result = self.sample_from(
-            noise.double() * sigmas[0], sigmas, labels=labels, spec=spec, generator=churn, callback=callback
-        )
+        was_training = self.training
+        self.eval()  # no dropout while sampling, whoever calls
+        try:
+            result = self.sample_from(
+                noise.double() * sigmas[0], sigmas, labels=labels, spec=spec, generator=churn, callback=callback
+            )
+        finally:
+            self.train(was_training)
         return SampleResult(result.x.float().clamp(-1, 1), result.nfe)
 
     @override

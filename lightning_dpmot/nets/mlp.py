@@ -15,6 +15,7 @@ so a fresh net outputs nearly zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Literal
 
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class MLPDenoiserNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        shape = tuple(data_shape)
+        shape = tuple(int(s) if isinstance(s, Integral) else s for s in data_shape)
         if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
             raise ValueError(f"MLPDenoiserNet needs a vector data_shape (D,) with D >= 1, got {shape}")
         if num_classes < 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -36,7 +37,7 @@ def check_image_shape(data_shape: Sequence[int], num_levels: int) -> tuple[int, 
     Raises:
         ValueError: not three positive ints, not square, or H not divisible by ``2 ** (num_levels - 1)``.
     """
-    shape = tuple(data_shape)
+    shape = tuple(int(s) if isinstance(s, Integral) else s for s in data_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"DDPMppUNet needs an image data_shape (C, H, W) of positive ints, got {shape}")
     channels, height, width = shape

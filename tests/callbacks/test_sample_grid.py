@@ -1,0 +1,45 @@
+"""SampleGrid writes grids during validation and a final grid with EMA weights; make_grid geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from conftest import tiny_edm
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+
+from lightning_dpmot.callbacks import EMAHalfLife, SampleGrid
+from lightning_dpmot.callbacks.ema import ema_module
+from lightning_dpmot.data import DigitsDataModule
+from lightning_dpmot.sampling import SamplerSpec
+from lightning_dpmot.utils.images import make_grid
+
+
+def test_make_grid_layout() -> None:
+    x = torch.stack([torch.full((1, 2, 3), float(i) / 10) for i in range(5)])
+    grid = make_grid(x, nrow=3, padding=1)
+    assert grid.shape == (1, 2 * 3 + 1, 3 * 4 + 1)
+    assert torch.allclose(grid[0, [1, 1, 4], [1, 5, 5]], torch.tensor([0.0, 0.1, 0.4]))
+    assert grid[0, 4, 9].item() == -1.0  # empty slot and padding are background
+
+
+def test_grids_during_training_and_final_grid_uses_ema(tmp_path: Path) -> None:
+    ema = EMAHalfLife(halflife_images=10)
+    grid = SampleGrid(num_samples=4, sampler=SamplerSpec("euler", num_steps=2))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, limit_train_batches=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[grid, ema])
+    model = tiny_edm()
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    samples_dir = Path(trainer.log_dir) / "samples"
+    names = sorted(p.name for p in samples_dir.glob("*.png"))
+    assert names == ["final.png", "latest.png", "step=00000002.png", "step=00000004.png"]
+    final = np.asarray(Image.open(samples_dir / "final.png"))
+    assert final.shape == (2 * 9 + 1, 2 * 9 + 1)
+    # after training the average copy (not the raw weights) is what ema_module hands out
+    assert not ema.swapped_in and ema_module(trainer, model) is ema._average_model.module
+    for p_model, p_ema in zip(model.parameters(), ema._average_model.module.parameters()):
+        assert torch.equal(p_model, p_ema)  # on_fit_end copied the EMA weights into the module

@@ -37,17 +37,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call (seconds)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Best wall time (seconds) of each function over ``repeats`` interleaved rounds, after one warm-up round.
+
+    Interleaving (a, b, c, a, b, c, ...) exposes every candidate to the same load drift on a shared machine.
+    """
+    best = dict.fromkeys(fns, float("inf"))
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def make_solver(args: argparse.Namespace, device: torch.device, antithetic: bool = False) -> SemiDiscreteOT:
@@ -173,11 +177,18 @@ def main() -> None:
         f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}"
     )
 
-    t_bare = best_time(bare_matmul(solver, m_eff), device, args.repeats)
-    t_iter = best_time(lambda: solver.cell_masses(), device, args.repeats)
     anti = make_solver(args, device, antithetic=True)
-    t_anti = best_time(lambda: anti.cell_masses(), device, args.repeats)
-    t_rng = best_time(rng_only(solver, m_eff), device, args.repeats)
+    times = best_times(
+        {
+            "bare": bare_matmul(solver, m_eff),
+            "iter": lambda: solver.cell_masses(),
+            "anti": lambda: anti.cell_masses(),
+            "rng": rng_only(solver, m_eff),
+        },
+        device,
+        args.repeats,
+    )
+    t_bare, t_iter, t_anti, t_rng = times["bare"], times["iter"], times["anti"], times["rng"]
     ratio = t_bare / t_iter
     print("\n| what | time [s] | GFLOP/s (2MNd) | vs bare matmul |")
     print("|---|---|---|---|")
@@ -195,8 +206,8 @@ def main() -> None:
 
     print("\n| one (chunk x target block) score block + row max | time [ms] |")
     print("|---|---|")
-    for name, fn in fold_variants(solver).items():
-        print(f"| {name} | {best_time(fn, device, args.repeats) * 1e3:.1f} |")
+    for name, t in best_times(fold_variants(solver), device, args.repeats).items():
+        print(f"| {name} | {t * 1e3:.1f} |")
 
     sizes = (
         [int(s) for s in args.memory_samples.split(",")] if args.memory_samples else [m // 2, m, 2 * m, 4 * m]

@@ -38,6 +38,11 @@ NOISE, SIGMA, LABEL_DROP, VAL = 1, 2, 3, 4
 _PREDICT_STREAM = 1_000_003
 
 
+def rank_seeds(num_samples: int, rank: int, world_size: int, offset: int = 0) -> Tensor:
+    """This rank's share of the seeds ``offset .. offset + num_samples - 1`` (every world_size-th one)."""
+    return torch.arange(offset + rank, offset + num_samples, world_size, dtype=torch.long)
+
+
 def plain_data(value: Any) -> Any:
     """``value`` with everything but containers, strings, numbers, booleans, None and tensors replaced by repr."""
     if isinstance(value, dict):
@@ -237,6 +242,14 @@ class DiffusionModule(L.LightningModule):
         finally:
             self.train(was_training)
         return SampleResult(result.x.float().clamp(-1, 1), result.nfe)
+
+    def generate_many(
+        self, seeds: Tensor, batch_size: int = 256, spec: SamplerSpec | None = None
+    ) -> Iterator[tuple[Tensor, SampleResult]]:
+        """:meth:`generate` over many seeds in batches; class labels (if conditional) are ``seed % num_classes``."""
+        for chunk in torch.as_tensor(seeds, dtype=torch.long).split(batch_size):
+            labels = chunk % self.num_classes if self.class_conditional else None
+            yield chunk, self.generate(chunk, labels, spec)
 
     @override
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -88,13 +88,30 @@ def chunk_generator(
 
 
 def sample_source(
-    source: Source, num: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    source: Source,
+    num: int,
+    dim: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Draw ``num`` source samples, (num, dim) fp32: N(0, I) or uniform on the cube [-1/2, 1/2]^dim."""
-    if source == "gaussian":
-        return torch.randn(num, dim, generator=generator, device=device, dtype=torch.float32)
+    """Draw ``num`` source samples, (num, dim) fp32: N(0, I) or uniform on the cube [-1/2, 1/2]^dim.
+
+    ``out``, a (num, dim) fp32 tensor on ``device``, is filled in place instead of allocating (same numbers).
+    """
     check_source(source)
-    return torch.rand(num, dim, generator=generator, device=device, dtype=torch.float32).sub_(0.5)
+    if out is None:
+        out = torch.empty(num, dim, device=device, dtype=torch.float32)
+    if source == "gaussian":
+        return out.normal_(generator=generator)
+    return out.uniform_(generator=generator).sub_(0.5)
+
+
+def score_workspace(
+    rows: int, num_targets: int, target_chunk_size: int, antithetic: bool, device: torch.device
+) -> Tensor:
+    """Flat fp32 buffer for the score blocks of :func:`power_argmax` (two blocks when ``antithetic``)."""
+    return torch.empty((2 if antithetic else 1) * rows * min(num_targets, target_chunk_size), device=device)
 
 
 def _merge_max(best: tuple[Tensor, Tensor] | None, val: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +124,12 @@ def _merge_max(best: tuple[Tensor, Tensor] | None, val: Tensor, idx: Tensor) -> 
 
 
 def power_argmax(
-    x: Tensor, targets: Tensor, h: Tensor, target_chunk_size: int, antithetic: bool = False
+    x: Tensor,
+    targets: Tensor,
+    h: Tensor,
+    target_chunk_size: int,
+    antithetic: bool = False,
+    workspace: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Best score and cell index per point, blocked over targets.
 
@@ -117,23 +139,30 @@ def power_argmax(
         h: (N,) fp32 heights.
         target_chunk_size: targets per GEMM block.
         antithetic: also score the reflected points ``-x`` from the same GEMM (``s_i(-x) = h_i - <x, y_i>``).
+        workspace: optional buffer from :func:`score_workspace` to hold the score blocks (no allocation).
 
     Returns:
         ``(values, indices)``: ``max_i <x_b, y_i> + h_i`` (fp32) and its argmax (int64), each (B,), or (2B,)
         for ``[x; -x]`` when ``antithetic``.
     """
+    rows = x.shape[0]
+    if workspace is None:
+        workspace = score_workspace(rows, targets.shape[0], target_chunk_size, antithetic, x.device)
     best: tuple[Tensor, Tensor] | None = None
     best_neg: tuple[Tensor, Tensor] | None = None
     for start in range(0, targets.shape[0], target_chunk_size):
         y_b, h_b = targets[start : start + target_chunk_size], h[start : start + target_chunk_size]
+        scores = workspace[: rows * len(h_b)].view(rows, len(h_b))  # (B, Bt), contiguous
         if antithetic:
-            gram = x @ y_b.T  # (B, Bt)
-            val, idx = torch.add(gram, h_b).max(dim=1)
+            gram = torch.mm(
+                x, y_b.T, out=workspace[rows * len(h_b) : 2 * rows * len(h_b)].view(rows, len(h_b))
+            )
+            val, idx = torch.add(gram, h_b, out=scores).max(dim=1)
             best = _merge_max(best, val, idx + start)
-            val, idx = torch.sub(h_b, gram).max(dim=1)
+            val, idx = torch.sub(h_b, gram, out=scores).max(dim=1)
             best_neg = _merge_max(best_neg, val, idx + start)
         else:
-            val, idx = torch.addmm(h_b, x, y_b.T).max(dim=1)
+            val, idx = torch.addmm(h_b, x, y_b.T, out=scores).max(dim=1)
             best = _merge_max(best, val, idx + start)
     assert best is not None
     if best_neg is None:

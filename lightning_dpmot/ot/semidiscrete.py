@@ -55,6 +55,7 @@ from lightning_dpmot.ot.power_cells import (
     power_argmax,
     power_topk,
     sample_source,
+    score_workspace,
 )
 from lightning_dpmot.ot.semidiscrete_fit import (
     fit_loop,
@@ -301,10 +302,12 @@ class SemiDiscreteOT(nn.Module):
         num_chunks = math.ceil(num_samples / self.chunk_size)
         draw = self.chunk_size // 2 if self.antithetic else self.chunk_size
         acc = torch.zeros(n + 2, dtype=torch.float64, device=device)
+        x = torch.empty(draw, self.dim, device=device)  # reused: memory does not grow with the chunk count
+        ws = score_workspace(draw, n, self.target_chunk_size, self.antithetic, device)
         for c in range(self.rank, num_chunks, self.world_size):
             gen = chunk_generator(self.seed, stream, iteration, c, device=device)
-            x = sample_source(self.source, draw, self.dim, gen, device=device)
-            val, idx = power_argmax(x, self.targets, self.h, self.target_chunk_size, self.antithetic)
+            sample_source(self.source, draw, self.dim, gen, out=x)
+            val, idx = power_argmax(x, self.targets, self.h, self.target_chunk_size, self.antithetic, ws)
             acc[:n] += torch.bincount(idx, minlength=n)
             acc[n] += val.sum(dtype=torch.float64)
             acc[n + 1] += idx.numel()
@@ -441,9 +444,14 @@ class SemiDiscreteOT(nn.Module):
         """Power cell per noise sample: x (B, d) -> (B,) int64 ``argmax_i <x, y_i> + h_i``."""
         x = self._check_noise(x)
         out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        ws = score_workspace(
+            min(self.chunk_size, x.shape[0]), self.num_targets, self.target_chunk_size, False, x.device
+        )
         for start in range(0, x.shape[0], self.chunk_size):
             stop = start + self.chunk_size
-            out[start:stop] = power_argmax(x[start:stop], self.targets, self.h, self.target_chunk_size)[1]
+            out[start:stop] = power_argmax(
+                x[start:stop], self.targets, self.h, self.target_chunk_size, False, ws
+            )[1]
         return out
 
     @torch.no_grad()

@@ -6,8 +6,8 @@ same row blocks with preallocated inputs and outputs (no RNG, no reduction). The
 fraction of matmul throughput the solver reaches; PASS needs >= 70 %. Also timed: the ways of adding h to a
 score block (``addmm`` as used, ``mm`` then ``add_``, a GEMM on operands augmented with a ones/h column) and
 antithetic sampling. Peak working memory of ``cell_masses`` is measured for several M
-(``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak-RSS increase in a fresh subprocess per M, since
-tracemalloc does not see torch's allocator).
+(``torch.cuda.max_memory_allocated`` on CUDA; on CPU the resident set size sampled by a thread during the
+call, since tracemalloc does not see torch's allocator).
 
 Examples::
 
@@ -19,10 +19,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -114,34 +112,40 @@ def fold_variants(solver: SemiDiscreteOT) -> dict[str, Callable[[], object]]:
     }
 
 
-def peak_memory(args: argparse.Namespace, num_samples: int) -> float:
-    """Peak working memory of one ``cell_masses(num_samples)`` call, MiB."""
-    device = torch.device(args.device)
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_memory(solver: SemiDiscreteOT, num_samples: int) -> float:
+    """Peak working memory of one ``cell_masses(num_samples)`` call above the memory held before it, MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the resident set size sampled every 2 ms by a thread while
+    the call runs (tracemalloc does not see torch's allocator; the lifetime ``ru_maxrss`` has earlier peaks).
+    """
+    device = solver.targets.device
     if device.type == "cuda":
-        solver = make_solver(args, device)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         solver.cell_masses(num_samples)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    cmd = [sys.executable, __file__, "--probe-memory", str(num_samples)] + [
-        f"--{k.replace('_', '-')}={v}"
-        for k, v in vars(args).items()
-        if k not in ("probe_memory", "memory_samples")
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
 
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.002)
 
-def probe_memory(args: argparse.Namespace) -> None:
-    """Subprocess body: peak RSS increase (ru_maxrss, KiB on Linux) over one cold ``cell_masses`` call."""
-    solver = make_solver(args, torch.device("cpu"))
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * resource.getpagesize() / 1024
-    solver.cell_masses(args.probe_memory)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - rss_before) / 1024}))
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        solver.cell_masses(num_samples)
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], _rss_mib()) - base
 
 
 def main() -> None:
@@ -159,13 +163,9 @@ def main() -> None:
         default="",
         help="comma-separated M for the memory table (default: M/2, M, 2M, 4M)",
     )
-    parser.add_argument("--probe-memory", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.probe_memory:
-        probe_memory(args)
-        return
     device = torch.device(args.device)
     torch.set_float32_matmul_precision("highest")  # this script only: fp32 GEMMs, as the solver requires
     n, d, m = args.num_targets, args.dim, args.num_samples
@@ -215,7 +215,7 @@ def main() -> None:
     print("\n| M | peak working memory of cell_masses [MiB] |")
     print("|---|---|")
     for size in sizes:
-        print(f"| {size} | {peak_memory(args, size):.1f} |")
+        print(f"| {size} | {peak_memory(solver, size):.1f} |")
     block = args.chunk_size * (min(args.target_chunk_size, n) + d) * 4 / 2**20
     print(f"(one score block + one sample chunk: {block:.1f} MiB; targets: {n * d * 4 / 2**20:.1f} MiB)")
 

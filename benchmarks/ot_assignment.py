@@ -93,9 +93,7 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device) -> dict[s
     perms: dict[str, Tensor] = {}
     start, passes = time.perf_counter(), 0
     # round-robin passes: at least --repeats, more (up to --max-repeats) while under --min-time seconds
-    while passes < args.repeats or (
-        time.perf_counter() - start < args.min_time and passes < args.max_repeats
-    ):
+    while passes < args.repeats or (time.perf_counter() - start < args.min_time and passes < args.max_repeats):
         for name in args.methods:
             method, options = SOLVERS[name]
             ms, perms[name] = timed(lambda: solve_assignment(cost, method, **options), device)  # noqa: B023
@@ -134,10 +132,7 @@ def print_table(n: int, rows: dict[str, dict[str, float]]) -> None:
     cm = rows["cost matrix"]
     info = rows["_reduction"]
     print(f"\nn = {n}  (optimum {info['pct']:.2f} % below random pairing; median of {info['passes']} passes)")
-    print(
-        f"  {'cost matrix':<16}{cm['ms']:>10.1f} ms   torch.cdist {cm['x_base']:.1f} ms"
-        f"   max |diff| {cm['err']:.1e}"
-    )
+    print(f"  {'cost matrix':<16}{cm['ms']:>10.1f} ms   torch.cdist {cm['x_base']:.1f} ms   max |diff| {cm['err']:.1e}")
     print(f"  {'solver':<16}{'ms':>10}{'x scipy':>10}{'rel gap':>12}{'share':>9}")
     for name, r in rows.items():
         if name.startswith("_") or name == "cost matrix":
@@ -173,12 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]; cost and device solvers run there")
     parser.add_argument("--cost", choices=["l2", "sqeuclidean"], default="l2")
     parser.add_argument("--methods", nargs="+", choices=list(SOLVERS), default=list(SOLVERS))
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="minimum timed passes per size (median reported)"
-    )
-    parser.add_argument(
-        "--min-time", type=float, default=2.0, help="keep adding passes until this many seconds"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="minimum timed passes per size (median reported)")
+    parser.add_argument("--min-time", type=float, default=2.0, help="keep adding passes until this many seconds")
     parser.add_argument("--max-repeats", type=int, default=15, help="cap on passes per size")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--resolution", type=int, default=32, help="image side R; d = 3 R^2 (3072 at 32)")

@@ -25,7 +25,10 @@ def write_fake_cifar10(root: Path, per_batch: int = 8, test_size: int = 8, seed:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
         n = test_size if name == "test_batch" else per_batch
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, n)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     return root
 

@@ -35,13 +35,25 @@ def main() -> None:
     val_acc = float((clf.predict(val.x.numpy().reshape(len(val), -1)) == val.labels.numpy()).mean())
     print(f"classifier: logistic regression on {resolution}x{resolution} pixels, val accuracy {val_acc:.3f}")
     print(f"real val images ({len(val)}): share with p >= {args.threshold}: {real.share_confident:.3f}")
-    print(f"generated ({len(samples)}): share with p >= {args.threshold}: {fake.share_confident:.3f}, "
-          f"mean top probability {fake.mean_top_probability:.3f}")
+    print(
+        f"generated ({len(samples)}): share with p >= {args.threshold}: {fake.share_confident:.3f}, "
+        f"mean top probability {fake.mean_top_probability:.3f}"
+    )
     print(f"class histogram (all samples): {fake.histogram.tolist()}")
     print(f"classes present: {int((fake.histogram > 0).sum())} / {len(fake.histogram)}")
     out = args.samples.with_name("recognizability.json")
-    out.write_text(json.dumps({"generated": fake.as_dict(), "real_val": real.as_dict(), "val_accuracy": val_acc,
-                               "num_samples": len(samples), "resolution": resolution}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "generated": fake.as_dict(),
+                "real_val": real.as_dict(),
+                "val_accuracy": val_acc,
+                "num_samples": len(samples),
+                "resolution": resolution,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -1,7 +1,8 @@
-"""Lightning callbacks: EMA, sample grids, prediction writer."""
+"""Lightning callbacks: EMA, sample grids, FID during training, prediction writer."""
 
 from lightning_dpmot.callbacks.ema import EMAHalfLife, ema_beta
+from lightning_dpmot.callbacks.fid import FIDCallback
 from lightning_dpmot.callbacks.predict_writer import SampleWriter
 from lightning_dpmot.callbacks.samples import SampleGrid
 
-__all__ = ["EMAHalfLife", "SampleGrid", "SampleWriter", "ema_beta"]
+__all__ = ["EMAHalfLife", "FIDCallback", "SampleGrid", "SampleWriter", "ema_beta"]

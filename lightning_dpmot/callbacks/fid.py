@@ -22,13 +22,9 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from typing_extensions import override
 
-from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind, build_feature_extractor
-from lightning_dpmot.metrics.reference_stats import (
-    ReferenceStats,
-    cached_reference_stats,
-    compute_reference_stats,
-    to_unit_range,
-)
+from lightning_dpmot.callbacks.reference import prepare_reference
+from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind
+from lightning_dpmot.metrics.reference_stats import to_unit_range
 from lightning_dpmot.models.base import rank_seeds
 from lightning_dpmot.sampling.spec import SamplerSpec
 
@@ -45,7 +41,7 @@ class FIDCallback(L.Callback):
     Args:
         samplers: settings to evaluate (default: the model's own ``sampler``).
         num_samples: generated samples per setting (EDM's protocol uses 50,000; fewer is noisier and biased up).
-        every_n_epochs: evaluate after every n-th validation epoch.
+        every_n_validations: evaluate after every n-th validation run (sanity checks excluded).
         feature: "auto", "inception" or "classifier" (see ``lightning_dpmot.metrics.extractors``).
         real_split: split whose statistics are the reference ("train", as EDM).
         kid: also compute KID (needs ``num_samples >= kid_subset_size``).
@@ -60,7 +56,7 @@ class FIDCallback(L.Callback):
         self,
         samplers: list[SamplerSpec] | None = None,
         num_samples: int = 5000,
-        every_n_epochs: int = 1,
+        every_n_validations: int = 1,
         feature: FeatureKind = "auto",
         real_split: str = "train",
         kid: bool = False,
@@ -76,11 +72,12 @@ class FIDCallback(L.Callback):
         if kid and num_samples < kid_subset_size:
             raise ValueError(f"kid needs num_samples >= kid_subset_size ({num_samples} < {kid_subset_size})")
         self.samplers = samplers
-        self.num_samples, self.every_n_epochs, self.feature_kind = num_samples, every_n_epochs, feature
+        self.num_samples, self.every_n_validations, self.feature_kind = num_samples, every_n_validations, feature
         self.real_split, self.kid, self.kid_subset_size = real_split, kid, kid_subset_size
         self.batch_size, self.seed_offset = batch_size, seed_offset
         self.cache_dir, self.inception_weights = cache_dir, inception_weights
         self.history: list[dict[str, Any]] = []
+        self.validations = 0
         self._fid: nn.Module | None = None
         self._kid: nn.Module | None = None
 
@@ -89,31 +86,21 @@ class FIDCallback(L.Callback):
         """Build the extractor and load real statistics (rank 0 first fills the caches; collective)."""
         from lightning_dpmot.metrics.fid_metrics import build_fid_metric, build_kid_metric
 
-        if len(pl_module.data_shape) != 3:
-            raise ValueError(f"FIDCallback needs image data (C, H, W); got data_shape {pl_module.data_shape}")
-        dm = trainer.datamodule
-        if trainer.is_global_zero:
-            self._load_reference(dm, pl_module)  # fills the caches
-        trainer.strategy.barrier("fid_prepare")
-        feature, stats = self._load_reference(dm, pl_module)
+        feature, stats = prepare_reference(
+            trainer,
+            pl_module,
+            self.feature_kind,
+            self.real_split,
+            self.cache_dir,
+            self.inception_weights,
+            self.batch_size,
+        )
         rank, world = trainer.global_rank, trainer.world_size
         self._fid = build_fid_metric(feature, stats, rank=rank).to(pl_module.device)
         if self.kid:
-            self._kid = build_kid_metric(feature, stats, subset_size=self.kid_subset_size, rank=rank,
-                                         world_size=world).to(pl_module.device)
-
-    def _load_reference(self, dm: Any, pl_module: L.LightningModule) -> tuple[nn.Module, ReferenceStats]:
-        dataset = dm.dataset(self.real_split)
-        feature = build_feature_extractor(self.feature_kind, tuple(pl_module.data_shape), dm.dataset("train"),
-                                          self.cache_dir, self.inception_weights)
-
-        def compute() -> ReferenceStats:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
-            return compute_reference_stats(feature, loader, keep_features=10_000 if self.kid else 0)
-
-        stats = cached_reference_stats(Path(self.cache_dir).expanduser() / "reference_stats", dm.name,
-                                       self.real_split, feature.name, compute)
-        return feature, stats
+            self._kid = build_kid_metric(
+                feature, stats, subset_size=self.kid_subset_size, rank=rank, world_size=world
+            ).to(pl_module.device)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,7 +132,10 @@ class FIDCallback(L.Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or trainer.current_epoch % self.every_n_epochs:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations:
             return
         results = self.evaluate(trainer, pl_module)  # EMA weights are swapped in (EMAHalfLife)
         images_seen = pl_module.images_seen() if hasattr(pl_module, "images_seen") else trainer.global_step
@@ -171,11 +161,12 @@ class FIDCallback(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "validations": self.validations}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.validations = int(state_dict.get("validations", 0))
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
@@ -198,4 +189,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
-

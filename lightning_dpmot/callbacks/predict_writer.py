@@ -50,8 +50,14 @@ class SampleWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any], batch_indices: Any,
-        batch: Any, batch_idx: int, dataloader_idx: int = 0,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         x, seeds = prediction["x"].detach().cpu(), prediction["seed"].detach().cpu()
         labels = prediction.get("label")
@@ -80,7 +86,9 @@ class SampleWriter(BasePredictionWriter):
         seeds, first = np.unique(merged["seeds"].numpy(), return_index=True)  # sorted, DDP duplicates dropped
         x = merged["x"][torch.from_numpy(first)]
         arrays: dict[str, np.ndarray] = {
-            "x": x.float().numpy(), "seeds": seeds, "labels": merged["labels"][torch.from_numpy(first)].numpy(),
+            "x": x.float().numpy(),
+            "seeds": seeds,
+            "labels": merged["labels"][torch.from_numpy(first)].numpy(),
             "nfe": merged["nfe"].max().numpy(),
         }
         if x.ndim == 4:

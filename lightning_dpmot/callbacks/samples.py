@@ -18,12 +18,13 @@ class SampleGrid(L.Callback):
     """Generate a fixed set of samples (same seeds every time, EMA weights) and save them.
 
     Images are tiled into ``samples/step=<global_step>.png`` (plus ``samples/latest.png``) under the trainer's log
-    directory after every ``every_n_epochs``-th validation, and into ``samples/final.png`` when training ends; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives; skipped under
+    directory after every ``every_n_validations``-th validation, and into ``samples/final.png`` when training
+    ends; 2-D data is drawn as a scatter plot. Runs on rank 0 only, with no collectives; skipped under
     ``fast_dev_run``.
 
     Args:
         num_samples: samples per grid.
-        every_n_epochs: how often (in validation epochs).
+        every_n_validations: write a grid after every n-th validation run (sanity checks excluded).
         sampler: sampler to use (default: the model's ``sampler``).
         seed_offset: first per-sample seed.
         log_key: wandb image key.
@@ -32,23 +33,27 @@ class SampleGrid(L.Callback):
     def __init__(
         self,
         num_samples: int = 64,
-        every_n_epochs: int = 1,
+        every_n_validations: int = 1,
         sampler: SamplerSpec | None = None,
         seed_offset: int = 0,
         log_key: str = "samples",
     ) -> None:
         super().__init__()
         self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
+        self.every_n_validations = every_n_validations
         self.sampler = sampler
         self.seed_offset = seed_offset
         self.log_key = log_key
         self.last_path: Path | None = None
+        self.validations = 0
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or (trainer.current_epoch % self.every_n_epochs) != 0:
+        if trainer.sanity_checking or trainer.fast_dev_run:
             return  # like ModelCheckpoint, skipped under fast_dev_run
+        self.validations += 1
+        if self.validations % self.every_n_validations:
+            return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # log_dir is a collective
         if trainer.is_global_zero:
             self.last_path = self.write(trainer, pl_module, out_dir)
@@ -78,6 +83,7 @@ class SampleGrid(L.Callback):
                 save_scatter(result.x[:, :2], out_dir / "latest.png", title=f"step {trainer.global_step}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=self.log_key, images=[str(path)], step=trainer.global_step,
-                                 caption=[f"NFE {result.nfe}"])
+                logger.log_image(
+                    key=self.log_key, images=[str(path)], step=trainer.global_step, caption=[f"NFE {result.nfe}"]
+                )
         return path

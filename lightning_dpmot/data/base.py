@@ -244,8 +244,7 @@ class DiffusionDataModule(L.LightningDataModule):
         dataset = self.dataset("train")
         if len(dataset) < self.batch_size:
             raise ValueError(
-                f"{self.name}: the training split has {len(dataset)} items, "
-                f"fewer than batch_size={self.batch_size}"
+                f"{self.name}: the training split has {len(dataset)} items, fewer than batch_size={self.batch_size}"
             )
         # drop_last: every rank sees equally shaped batches, which all_gather-based couplings need.
         return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)

@@ -130,9 +130,7 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
             if member.name.startswith(("/", "\\")) or os.path.isabs(member.name) or ".." in parts:
                 raise ValueError(f"{archive}: refusing unsafe member path {member.name!r}")
             if not (member.isfile() or member.isdir()):
-                raise ValueError(
-                    f"{archive}: refusing member {member.name!r} (only files and folders allowed)"
-                )
+                raise ValueError(f"{archive}: refusing member {member.name!r} (only files and folders allowed)")
         written = []
         for member in members:
             target = dest.joinpath(*PurePosixPath(member.name).parts)
@@ -274,6 +272,4 @@ class CIFAR10DataModule(DiffusionDataModule):
             if len(x) < limit:
                 raise ValueError(f"subset={limit} but {folder} holds only {len(x)} training images")
             x, y = x[:limit], y[:limit]
-        return TensorDictDataset(
-            torch.from_numpy(x), torch.from_numpy(y)
-        )
+        return TensorDictDataset(torch.from_numpy(x), torch.from_numpy(y))

@@ -69,9 +69,7 @@ def digits_to_signed(images: np.ndarray, resolution: int) -> torch.Tensor:
     x = rearrange(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), "n h w -> n 1 h w")
     x = x / 8.0 - 1.0
     if resolution != x.shape[-1]:
-        x = F.interpolate(
-            x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
-        )
+        x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
     return x.clamp_(-1.0, 1.0).contiguous()
 
 

@@ -150,9 +150,7 @@ class ImageFolderDataModule(DiffusionDataModule):
         self.classes: list[str] = []
         if class_subfolders:
             self._check_root()
-            self.classes = sorted(
-                p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-            )
+            self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
             if not self.classes:
                 raise FileNotFoundError(f"class_subfolders=True but {self.root} has no subfolders")
         self.data_shape = (channels, resolution, resolution)

@@ -135,9 +135,7 @@ class Toy2DDataModule(DiffusionDataModule):
         predict_seed_offset: int = 0,
     ) -> None:
         if x_flip:
-            raise ValueError(
-                "x_flip flips images left-right and is meaningless for 2-D points; set x_flip: false"
-            )
+            raise ValueError("x_flip flips images left-right and is meaningless for 2-D points; set x_flip: false")
         super().__init__(
             batch_size=batch_size,
             val_batch_size=val_batch_size,

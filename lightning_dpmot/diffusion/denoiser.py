@@ -13,16 +13,19 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+
 class Denoiser(Protocol):
     """D(x; sigma): x (B, *S), sigma (B,), class_labels (B,) int64 (-1 = unconditional) or None."""
 
     def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor: ...
+
 
 def append_dims(t: Tensor, ndim: int) -> Tensor:
     """Append trailing singleton dims so that ``t`` (B,) broadcasts against a (B, ...) tensor of ``ndim`` dims."""
     if t.ndim > ndim:
         raise ValueError(f"cannot broadcast a tensor of {t.ndim} dims to {ndim} dims")
     return t.reshape(*t.shape, *([1] * (ndim - t.ndim)))
+
 
 class CountingDenoiser:
     """Wraps a denoiser and counts network function evaluations (one per call, whatever the batch size)."""
@@ -34,6 +37,7 @@ class CountingDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
         self.nfe += 1
         return self.denoiser(x, sigma, class_labels)
+
 
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) in denoiser form:

@@ -55,7 +55,11 @@ def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
 
 
 def sample_sigma_lognormal(
-    n: int, P_mean: float = -1.2, P_std: float = 1.2, *, generator: torch.Generator | None = None,
+    n: int,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    *,
+    generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2). Returns (n,) float32."""
@@ -87,9 +91,7 @@ class EDMPrecond(nn.Module):
         return D_x.to(dtype)
 
 
-def edm_loss(
-    denoiser: EDMPrecond, y: Tensor, n: Tensor, sigma: Tensor, class_labels: Tensor | None = None
-) -> Tensor:
+def edm_loss(denoiser: EDMPrecond, y: Tensor, n: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
     """Per-sample EDM loss: lambda(sigma) * ||D(y + sigma n; sigma) - y||^2 summed over the sample's elements.
 
     Args:

@@ -1,7 +1,8 @@
 """Discrete-time variance-preserving diffusion (DDPM, Ho et al. 2020; DDIM, Song et al. 2021) in sigma space.
 
 The forward process at step t in {0, ..., T-1} is x_t = sqrt(abar_t) y + sqrt(1 - abar_t) eps with
-abar_t = prod_{s<=t} (1 - beta_s). Dividing by sqrt(abar_t) gives EDM's sigma space, x_t / sqrt(abar_t) = y + sigma_t eps
+abar_t = prod_{s<=t} (1 - beta_s). Dividing by sqrt(abar_t) gives EDM's sigma space,
+x_t / sqrt(abar_t) = y + sigma_t eps
 with sigma_t = sqrt((1 - abar_t) / abar_t). That shared "noise level" lets one set of samplers (Euler = DDIM with
 eta = 0, Euler-ancestral = DDIM with eta > 0 and DDPM ancestral with eta = 1 on all T steps, Heun) drive both EDM and
 epsilon-prediction models, and lets the DPM-OT expressway start the reverse process at any level.
@@ -93,7 +94,8 @@ class VPSchedule(nn.Module):
 
 
 class VPEpsDenoiser(nn.Module):
-    """Sigma-space denoiser from an epsilon-prediction network: D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)).
+    """Sigma-space denoiser from an epsilon-prediction network:
+    D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)).
 
     Args:
         net: network with ``forward(x_vp, t, class_labels)`` predicting eps.

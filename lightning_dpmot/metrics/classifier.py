@@ -84,9 +84,7 @@ def points_trunk(in_dim: int, width: int) -> tuple[nn.Sequential, int]:
 def _as_hparams(overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(DEFAULT_HPARAMS))
     if unknown:
-        raise ValueError(
-            f"unknown classifier hyperparameter(s) {unknown}; expected some of {sorted(DEFAULT_HPARAMS)}"
-        )
+        raise ValueError(f"unknown classifier hyperparameter(s) {unknown}; expected some of {sorted(DEFAULT_HPARAMS)}")
     return {**DEFAULT_HPARAMS, **overrides}
 
 
@@ -158,8 +156,7 @@ class ClassifierFeatures(nn.Module):
     def _network_input(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.in_shape or x.ndim != len(self.in_shape) + 1:
             raise ValueError(
-                f"{self.name} expects input of shape (B, {', '.join(map(str, self.in_shape))}), "
-                f"got {tuple(x.shape)}"
+                f"{self.name} expects input of shape (B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}"
             )
         x = x.float()
         if self.kind == "points":
@@ -191,11 +188,7 @@ class ClassifierFeatures(nn.Module):
     def accuracy(self, x: Tensor, labels: Tensor, batch_size: int = 512) -> float:
         """Top-1 accuracy on (N, *in_shape) inputs (forward convention) with (N,) labels."""
         correct = sum(
-            int(
-                (
-                    self.logits(x[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size].to(x.device)
-                ).sum()
-            )
+            int((self.logits(x[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size].to(x.device)).sum())
             for i in range(0, len(x), batch_size)
         )
         return correct / len(x)
@@ -289,8 +282,7 @@ class ClassifierFeatures(nn.Module):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("arch_version") != ARCH_VERSION:
             raise ValueError(
-                f"{path}: classifier architecture v{payload.get('arch_version')}, "
-                f"this code is v{ARCH_VERSION}"
+                f"{path}: classifier architecture v{payload.get('arch_version')}, this code is v{ARCH_VERSION}"
             )
         model = cls(
             payload["kind"],
@@ -304,9 +296,7 @@ class ClassifierFeatures(nn.Module):
         return model.eval()
 
 
-def train_classifier(
-    model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]
-) -> None:
+def train_classifier(model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]) -> None:
     """Cross-entropy on network-scale inputs (N, ...): seeded minibatch order, cosine-decayed AdamW.
 
     Runs single-threaded: the ops are too small to gain from intra-op parallelism (on a loaded machine extra
@@ -320,9 +310,7 @@ def train_classifier(
         torch.set_num_threads(num_threads)
 
 
-def _train_loop(
-    model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]
-) -> None:
+def _train_loop(model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(hparams["seed"])
     batch_size = min(hparams["batch_size"], len(net_input))
     steps_per_epoch = len(net_input) // batch_size  # drop the ragged last batch: equal-sized steps

@@ -108,14 +108,10 @@ def nearest_neighbors(
     if q_all.shape[1] != r_all.shape[1]:
         raise ValueError(f"queries have {q_all.shape[1]} dims per point but refs have {r_all.shape[1]}")
     if exclude_self and len(q_all) != len(r_all):
-        raise ValueError(
-            f"exclude_self needs queries and refs of equal length, got {len(q_all)} and {len(r_all)}"
-        )
+        raise ValueError(f"exclude_self needs queries and refs of equal length, got {len(q_all)} and {len(r_all)}")
     available = len(r_all) - int(exclude_self)
     if not 1 <= k <= available:
-        raise ValueError(
-            f"k must be in [1, {available}] for {len(r_all)} refs (exclude_self={exclude_self}), got {k}"
-        )
+        raise ValueError(f"k must be in [1, {available}] for {len(r_all)} refs (exclude_self={exclude_self}), got {k}")
     device = q_all.device
     best_d2 = torch.full((len(q_all), k), float("inf"), device=device)
     best_idx = torch.zeros((len(q_all), k), dtype=torch.long, device=device)
@@ -126,9 +122,7 @@ def nearest_neighbors(
             cols = torch.arange(j0, j0 + n, device=device)
             d2 = d2.masked_fill(rows == cols, float("inf"))
         cand_d2 = torch.cat([best_d2[i0 : i0 + m], d2], dim=1)
-        cand_idx = torch.cat(
-            [best_idx[i0 : i0 + m], torch.arange(j0, j0 + n, device=device).expand(m, n)], dim=1
-        )
+        cand_idx = torch.cat([best_idx[i0 : i0 + m], torch.arange(j0, j0 + n, device=device).expand(m, n)], dim=1)
         top_d2, pos = cand_d2.topk(k, dim=1, largest=False, sorted=True)
         best_d2[i0 : i0 + m] = top_d2
         best_idx[i0 : i0 + m] = cand_idx.gather(1, pos)
@@ -152,9 +146,7 @@ def self_nearest_distance(train: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -
         (N,) float32 distances (0 for exact duplicates). Compute once and pass to :func:`copy_rate`.
     """
     if len(train) < 2:
-        raise ValueError(
-            f"the training set needs at least 2 points for a self nearest neighbour, got {len(train)}"
-        )
+        raise ValueError(f"the training set needs at least 2 points for a self nearest neighbour, got {len(train)}")
     dist, _ = nearest_neighbors(train, train, k=1, chunk_size=chunk_size, exclude_self=True)
     return dist[:, 0]
 

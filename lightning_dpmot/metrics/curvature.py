@@ -154,9 +154,7 @@ class TrajectoryRecorder:
         if not self.steps:
             raise ValueError("no steps recorded: pass the recorder as the sampler's callback first")
         if self.steps[-1]["sigma_next"] != 0.0:
-            raise ValueError(
-                f"the trajectory must end at sigma = 0, it ends at {self.steps[-1]['sigma_next']}"
-            )
+            raise ValueError(f"the trajectory must end at sigma = 0, it ends at {self.steps[-1]['sigma_next']}")
         dtype = torch.float64
         x0 = self.x_start.to(self.steps[0]["x"].device, dtype)
         xs = torch.stack([x0] + [s["x"].to(dtype) for s in self.steps])

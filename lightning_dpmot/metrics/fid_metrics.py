@@ -43,14 +43,10 @@ def check_feature_module(feature: nn.Module) -> int:
         raise ValueError(f"feature must be an nn.Module, got {type(feature).__name__}")
     d = getattr(feature, "num_features", None)
     if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-        raise ValueError(
-            f"feature module {type(feature).__name__} needs an int attribute num_features > 0, got {d!r}"
-        )
+        raise ValueError(f"feature module {type(feature).__name__} needs an int attribute num_features > 0, got {d!r}")
     name = getattr(feature, "name", None)
     if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"feature module {type(feature).__name__} needs a non-empty str attribute name, got {name!r}"
-        )
+        raise ValueError(f"feature module {type(feature).__name__} needs a non-empty str attribute name, got {name!r}")
     return d
 
 
@@ -83,14 +79,10 @@ def load_reference_into_fid(metric: FrechetInceptionDistance, stats: ReferenceSt
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
     if metric.reset_real_features:
-        raise ValueError(
-            "metric.reset_real_features must be False, or reset() would discard the reference statistics"
-        )
+        raise ValueError("metric.reset_real_features must be False, or reset() would discard the reference statistics")
     d = metric.real_features_sum.shape[0]
     if stats.num_features != d:
-        raise ValueError(
-            f"reference statistics have {stats.num_features} features, the FID metric expects {d}"
-        )
+        raise ValueError(f"reference statistics have {stats.num_features} features, the FID metric expects {d}")
     device = metric.real_features_sum.device
     total, outer, count = fid_real_states(stats)
     if rank != 0:
@@ -113,13 +105,9 @@ def load_reference_into_kid(
     """
     _check_rank(rank, world_size)
     if metric.reset_real_features:
-        raise ValueError(
-            "metric.reset_real_features must be False, or reset() would discard the reference features"
-        )
+        raise ValueError("metric.reset_real_features must be False, or reset() would discard the reference features")
     if stats.features is None:
-        raise ValueError(
-            "reference statistics hold no raw features; compute them with keep_features > 0 for KID"
-        )
+        raise ValueError("reference statistics hold no raw features; compute them with keep_features > 0 for KID")
     m = stats.features.shape[0]
     if m < max(metric.subset_size, world_size):
         raise ValueError(

@@ -142,9 +142,7 @@ class FeatureStatsAccumulator:
             features: (B, d) features, any float dtype and device.
         """
         if features.ndim != 2 or features.shape[1] != self.num_features:
-            raise ValueError(
-                f"features must have shape (B, {self.num_features}), got {tuple(features.shape)}"
-            )
+            raise ValueError(f"features must have shape (B, {self.num_features}), got {tuple(features.shape)}")
         nb = features.shape[0]
         if nb == 0:
             return

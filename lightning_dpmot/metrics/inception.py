@@ -87,9 +87,7 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W), always with the running statistics."""
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-        )
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class ConvBN(nn.Module):
@@ -243,9 +241,7 @@ class InceptionE(nn.Module):
         """(B, c_in, 8, 8) -> (B, 2048, 8, 8)."""
         t = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = (
-            _avg_pool_same(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        )
+        pooled = _avg_pool_same(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         return torch.cat(
             [
                 self.branch1x1(x),
@@ -320,9 +316,7 @@ def download_inception_weights(dest: str | os.PathLike | None = None, progress: 
     if target.is_dir() or dest is None:
         target = target / WEIGHTS_FILENAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(
-        WEIGHTS_URL, str(target), hash_prefix=WEIGHTS_SHA256_PREFIX, progress=progress
-    )
+    torch.hub.download_url_to_file(WEIGHTS_URL, str(target), hash_prefix=WEIGHTS_SHA256_PREFIX, progress=progress)
     return target
 
 

@@ -20,9 +20,7 @@ from torch import Tensor
 DEFAULT_TAUS = (0.1, 0.2, 0.3, 0.4)
 
 
-def mode_mixture_rate(
-    probs: Tensor, taus: Sequence[float] = DEFAULT_TAUS, atol: float = 1e-3
-) -> dict[float, float]:
+def mode_mixture_rate(probs: Tensor, taus: Sequence[float] = DEFAULT_TAUS, atol: float = 1e-3) -> dict[float, float]:
     """Share of samples with at least two classes at probability >= tau, for each tau.
 
     Args:
@@ -48,8 +46,7 @@ def _mode_distances(x: Tensor, centers: Tensor, std: float, k: float) -> Tensor:
     """Validated distances (N, K) between samples (N, d) and mode centres (K, d)."""
     if x.ndim != 2 or centers.ndim != 2 or x.shape[1] != centers.shape[1]:
         raise ValueError(
-            "x must be (N, d) and centers (K, d) with the same d, "
-            f"got {tuple(x.shape)} and {tuple(centers.shape)}"
+            f"x must be (N, d) and centers (K, d) with the same d, got {tuple(x.shape)} and {tuple(centers.shape)}"
         )
     if len(x) == 0 or len(centers) == 0:
         raise ValueError(f"x and centers must be non-empty, got {len(x)} samples and {len(centers)} centres")
@@ -74,9 +71,7 @@ def off_mode_rate(x: Tensor, centers: Tensor, std: float, k: float = 3.0) -> flo
     return (dist.min(1).values > k * std).double().mean().item()
 
 
-def mode_coverage(
-    x: Tensor, centers: Tensor, std: float, k: float = 3.0, min_count: int = 1
-) -> tuple[Tensor, int]:
+def mode_coverage(x: Tensor, centers: Tensor, std: float, k: float = 3.0, min_count: int = 1) -> tuple[Tensor, int]:
     """Samples per mode and the number of modes hit.
 
     A sample counts for its nearest centre when it lies within ``k * std`` of it; a mode is *hit* when it

@@ -46,9 +46,7 @@ def manifold_radii(features: Tensor, k: int = 3, chunk_size: int = DEFAULT_CHUNK
     return dist[:, k - 1]
 
 
-def inside_manifold(
-    queries: Tensor, manifold: Tensor, radii: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Tensor:
+def inside_manifold(queries: Tensor, manifold: Tensor, radii: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
     """Whether each query lies in at least one ball ``B(manifold_j, radii_j)`` (boundary included).
 
     Args:

@@ -27,8 +27,10 @@ class RecognizabilityReport:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "share_confident": self.share_confident, "threshold": self.threshold,
-            "histogram": self.histogram.tolist(), "confident_histogram": self.confident_histogram.tolist(),
+            "share_confident": self.share_confident,
+            "threshold": self.threshold,
+            "histogram": self.histogram.tolist(),
+            "confident_histogram": self.confident_histogram.tolist(),
             "mean_top_probability": self.mean_top_probability,
         }
 

@@ -125,9 +125,7 @@ class ReferenceStats:
             raise ValueError(f"{path} is not a readable .npz file of reference statistics: {err}") from err
         missing = [k for k in ("mu", "sigma", "n") if k not in arrays]
         if missing:
-            raise ValueError(
-                f"{path} lacks the arrays {missing} (expected keys mu, sigma, n[, features, meta_*])"
-            )
+            raise ValueError(f"{path} lacks the arrays {missing} (expected keys mu, sigma, n[, features, meta_*])")
         meta = {k[len("meta_") :]: str(v) for k, v in arrays.items() if k.startswith("meta_")}
         try:
             return cls(arrays["mu"], arrays["sigma"], int(arrays["n"]), arrays.get("features"), meta)
@@ -139,9 +137,7 @@ def _as_images(batch: Any, image_key: str) -> Tensor:
     """(B, C, H, W) images from a dict batch, a tensor, or a tuple/list whose first item is the images."""
     if isinstance(batch, Mapping):
         if image_key not in batch:
-            raise ValueError(
-                f"batch has no key {image_key!r} (keys: {sorted(batch)}); expected {{'x': (B, C, H, W)}}"
-            )
+            raise ValueError(f"batch has no key {image_key!r} (keys: {sorted(batch)}); expected {{'x': (B, C, H, W)}}")
         x = batch[image_key]
     elif isinstance(batch, (tuple, list)) and batch:
         x = batch[0]
@@ -177,9 +173,7 @@ def compute_reference_stats(
     """
     d = int(getattr(feature, "num_features", 0))
     if d < 1:
-        raise ValueError(
-            f"feature module {type(feature).__name__} needs a positive int attribute num_features"
-        )
+        raise ValueError(f"feature module {type(feature).__name__} needs a positive int attribute num_features")
     param = next(iter(feature.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     acc = FeatureStatsAccumulator(d)

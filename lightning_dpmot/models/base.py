@@ -205,8 +205,14 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ generation
     def sample_from(
-        self, x: Tensor, sigmas: Tensor, *, labels: Tensor | None = None, spec: SamplerSpec | None = None,
-        generator: torch.Generator | NoiseSource | None = None, callback: StepCallback | None = None,
+        self,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        labels: Tensor | None = None,
+        spec: SamplerSpec | None = None,
+        generator: torch.Generator | NoiseSource | None = None,
+        callback: StepCallback | None = None,
     ) -> SampleResult:
         """Run the reverse process from ``x`` (B, *S) at level ``sigmas[0]`` down to 0."""
         spec = spec or self.sampler
@@ -215,7 +221,10 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, seeds: Tensor | list[int], labels: Tensor | None = None, spec: SamplerSpec | None = None,
+        self,
+        seeds: Tensor | list[int],
+        labels: Tensor | None = None,
+        spec: SamplerSpec | None = None,
         callback: StepCallback | None = None,
     ) -> SampleResult:
         """Samples from per-sample seeds (EDM protocol: sample i depends only on seeds[i]).

@@ -57,7 +57,14 @@ class EDMModule(DiffusionModule):
         nan_to_num_grads: bool = True,
     ) -> None:
         super().__init__(
-            data_shape, num_classes, class_conditional, label_dropout, optimizer, lr_warmup_images, sampler, seed,
+            data_shape,
+            num_classes,
+            class_conditional,
+            label_dropout,
+            optimizer,
+            lr_warmup_images,
+            sampler,
+            seed,
             nan_to_num_grads,
         )
         self.save_hyperparameters(ignore=["sampler"])
@@ -70,7 +77,7 @@ class EDMModule(DiffusionModule):
         return self.net
 
     def loss(self, x: Tensor, noise: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        """EDM loss per sample (B,): lambda(sigma) ||D(x + sigma n; sigma) - x||^2 with ln sigma ~ N(P_mean, P_std^2)."""
+        """EDM loss per sample (B,): lambda(sigma) ||D(x + sigma n; sigma) - x||^2, ln sigma ~ N(P_mean, P_std^2)."""
         sigma = sample_sigma_lognormal(x.shape[0], self.P_mean, self.P_std, generator=generator, device=x.device)
         return edm_loss(self.net, x, noise, sigma, labels)
 

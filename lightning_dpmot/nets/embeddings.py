@@ -81,10 +81,7 @@ class PositionalEmbedding(nn.Module):
         return _sinusoids(torch.outer(x, self.freqs.to(x.dtype)), self.order)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_channels}, max_positions={self.max_positions}, endpoint={self.endpoint}, "
-            f"order={self.order}"
-        )
+        return f"{self.num_channels}, max_positions={self.max_positions}, endpoint={self.endpoint}, order={self.order}"
 
 
 class FourierEmbedding(nn.Module):
@@ -210,7 +207,6 @@ def noise_vector(noise_labels: Tensor | float, batch_size: int, device: torch.de
         noise_labels = noise_labels.reshape(1).expand(batch_size)
     if noise_labels.shape != (batch_size,):
         raise ValueError(
-            f"noise_labels must have shape ({batch_size},) or hold a single value, "
-            f"got {tuple(noise_labels.shape)}"
+            f"noise_labels must have shape ({batch_size},) or hold a single value, got {tuple(noise_labels.shape)}"
         )
     return noise_labels.to(torch.float32)

@@ -46,8 +46,7 @@ def check_image_shape(data_shape: Sequence[int], num_levels: int) -> tuple[int, 
     factor = 2 ** (num_levels - 1)
     if height % factor:
         raise ValueError(
-            f"resolution {height} of data_shape {shape} is not divisible by "
-            f"2**(len(channel_mult) - 1) = {factor}"
+            f"resolution {height} of data_shape {shape} is not divisible by 2**(len(channel_mult) - 1) = {factor}"
         )
     return channels, height
 
@@ -103,15 +102,11 @@ class DDPMppUNet(nn.Module):
         resolutions = [resolution >> level for level in range(len(channel_mult))]
         unknown = sorted(set(attn_resolutions) - set(resolutions))
         if unknown:
-            raise ValueError(
-                f"attn_resolutions {unknown} are not among the U-Net's resolutions {resolutions}"
-            )
+            raise ValueError(f"attn_resolutions {unknown} are not among the U-Net's resolutions {resolutions}")
         if num_classes < 0 or augment_dim < 0:
             raise ValueError(f"num_classes and augment_dim must be >= 0, got {num_classes} and {augment_dim}")
         if min(model_channels, num_blocks, channel_mult_noise, channel_mult_emb) < 1:
-            raise ValueError(
-                "model_channels, num_blocks, channel_mult_noise and channel_mult_emb must be >= 1"
-            )
+            raise ValueError("model_channels, num_blocks, channel_mult_noise and channel_mult_emb must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if encoder_type not in ("standard", "residual"):
@@ -122,9 +117,7 @@ class DDPMppUNet(nn.Module):
         noise_channels = model_channels * channel_mult_noise
         emb_channels = model_channels * channel_mult_emb
         filt = tuple(resample_filter)
-        block_kwargs = dict(
-            emb_channels=emb_channels, num_heads=num_heads, dropout=dropout, resample_filter=filt
-        )
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=num_heads, dropout=dropout, resample_filter=filt)
 
         # Mapping network.
         self.map_noise = noise_embedding(embedding_type, noise_channels)

@@ -142,18 +142,14 @@ def check_cost_matrix(cost: Tensor) -> None:
     if cost.dim() != 2:
         raise ValueError(f"cost must be a 2-D (n, n) matrix, got shape {tuple(cost.shape)}")
     if cost.shape[0] != cost.shape[1]:
-        raise ValueError(
-            f"cost must be square (n, n) for a one-to-one assignment, got shape {tuple(cost.shape)}"
-        )
+        raise ValueError(f"cost must be square (n, n) for a one-to-one assignment, got shape {tuple(cost.shape)}")
     if cost.dtype == torch.bool or cost.is_complex():
         raise ValueError(f"cost must be a real-valued matrix, got dtype {cost.dtype}")
     # one reduction in the common case; the entry count only when the sum is not finite (NaN/inf or overflow)
     if cost.is_floating_point() and not math.isfinite(float(cost.detach().sum(dtype=torch.float64))):
         bad = int((~torch.isfinite(cost)).sum())
         if bad:
-            raise ValueError(
-                f"cost contains NaN or inf entries ({bad} of {cost.numel()}); costs must be finite"
-            )
+            raise ValueError(f"cost contains NaN or inf entries ({bad} of {cost.numel()}); costs must be finite")
 
 
 def _check_options(method: str, options: dict[str, Any]) -> None:
@@ -176,9 +172,7 @@ def solve_assignment(cost: Tensor, method: str = "exact", **options: Any) -> Ten
         (n,) int64 permutation on the cost's device: row ``i`` is assigned column ``perm[i]``.
     """
     if method not in _SOLVERS:
-        raise ValueError(
-            f"unknown assignment method {method!r}; valid methods are {', '.join(map(repr, METHODS))}"
-        )
+        raise ValueError(f"unknown assignment method {method!r}; valid methods are {', '.join(map(repr, METHODS))}")
     _check_options(method, options)
     check_cost_matrix(cost)
     n = cost.shape[0]

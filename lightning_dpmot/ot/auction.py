@@ -98,9 +98,7 @@ def _bidding_round(cost: Tensor, prices: Tensor, owner: Tensor, assigned: Tensor
     assigned[rows] = cols
 
 
-def _bidding_chain(
-    cost: Tensor, prices: Tensor, owner: Tensor, assigned: Tensor, eps: float, row: int
-) -> int:
+def _bidding_chain(cost: Tensor, prices: Tensor, owner: Tensor, assigned: Tensor, eps: float, row: int) -> int:
     """Rounds with a single free row, run as one eviction chain; returns the number of bids made.
 
     With one bidder a Jacobi round is a plain sequential bid: the bidder takes its best column and the evicted
@@ -150,11 +148,7 @@ def auction_phases(
         :class:`AuctionResult` in the cost's units.
     """
     n, device = cost.shape[0], cost.device
-    p = (
-        torch.zeros(n, dtype=cost.dtype, device=device)
-        if prices is None
-        else prices.to(device, cost.dtype).clone()
-    )
+    p = torch.zeros(n, dtype=cost.dtype, device=device) if prices is None else prices.to(device, cost.dtype).clone()
     owner = torch.full((n,), -1, dtype=torch.long, device=device)
     assigned = torch.full((n,), -1, dtype=torch.long, device=device)
     rounds = 0
@@ -165,9 +159,7 @@ def auction_phases(
             if free.numel() == 0:
                 break
             if rounds >= max_rounds:
-                raise RuntimeError(
-                    f"auction did not finish within max_rounds={max_rounds}; increase it or eps"
-                )
+                raise RuntimeError(f"auction did not finish within max_rounds={max_rounds}; increase it or eps")
             if free.numel() == 1:
                 rounds += _bidding_chain(cost, p, owner, assigned, phase_eps, int(free))
             else:
@@ -219,9 +211,7 @@ def auction_assignment(
     c = c - c.min(1, keepdim=True).values
     scale = float(cost_scale(c))
     if not scale > 0.0:  # C_ij = a_i + b_j: every permutation is optimal
-        return AuctionResult(
-            torch.arange(n, device=device), torch.zeros(n, dtype=dtype, device=device), 0.0, 0
-        )
+        return AuctionResult(torch.arange(n, device=device), torch.zeros(n, dtype=dtype, device=device), 0.0, 0)
     eps_final = DEFAULT_REL_EPS * scale if eps is None else float(eps)
     if eps_start is None:
         eps_start = eps_final if prices is not None else max(scale, eps_final)

@@ -40,9 +40,7 @@ _CHUNK_ELEMENTS = 1 << 22
 def _flatten_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Flatten (n, *S) and (m, *S) to (n, d) and (m, d), checking that the trailing shapes agree."""
     if x.dim() < 1 or y.dim() < 1:
-        raise ValueError(
-            f"x and y need a leading batch dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
-        )
+        raise ValueError(f"x and y need a leading batch dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[1:] != y.shape[1:]:
         raise ValueError(
             f"x and y must have the same per-sample shape, got {tuple(x.shape[1:])} and {tuple(y.shape[1:])} "

@@ -38,9 +38,7 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 def check_source(source: str) -> None:
     """Raise ``ValueError`` unless ``source`` is ``"gaussian"`` or ``"uniform"``."""
     if source not in SOURCE_STD:
-        raise ValueError(
-            f"source must be 'gaussian' or 'uniform' (centred cube [-1/2, 1/2]^d), got {source!r}"
-        )
+        raise ValueError(f"source must be 'gaussian' or 'uniform' (centred cube [-1/2, 1/2]^d), got {source!r}")
 
 
 def check_targets(targets: Tensor) -> None:
@@ -154,9 +152,7 @@ def power_argmax(
         y_b, h_b = targets[start : start + target_chunk_size], h[start : start + target_chunk_size]
         scores = workspace[: rows * len(h_b)].view(rows, len(h_b))  # (B, Bt), contiguous
         if antithetic:
-            gram = torch.mm(
-                x, y_b.T, out=workspace[rows * len(h_b) : 2 * rows * len(h_b)].view(rows, len(h_b))
-            )
+            gram = torch.mm(x, y_b.T, out=workspace[rows * len(h_b) : 2 * rows * len(h_b)].view(rows, len(h_b)))
             val, idx = torch.add(gram, h_b, out=scores).max(dim=1)
             best = _merge_max(best, val, idx + start)
             val, idx = torch.sub(h_b, gram, out=scores).max(dim=1)
@@ -170,9 +166,7 @@ def power_argmax(
     return torch.cat([best[0], best_neg[0]]), torch.cat([best[1], best_neg[1]])
 
 
-def power_topk(
-    x: Tensor, targets: Tensor, h: Tensor, k: int, target_chunk_size: int
-) -> tuple[Tensor, Tensor]:
+def power_topk(x: Tensor, targets: Tensor, h: Tensor, k: int, target_chunk_size: int) -> tuple[Tensor, Tensor]:
     """The k best scores and their cell indices per point, blocked over targets.
 
     Args:

@@ -132,9 +132,7 @@ def _sinkhorn_normalised(
         f, g, it, error = _scale_stage(c, f, g, eps, max_iter, tol, check_every=5)
         total += it
         if not bool(torch.isfinite(f).all() and torch.isfinite(g).all()):
-            raise RuntimeError(
-                f"Sinkhorn produced non-finite potentials at relative eps={eps:g}; increase reg"
-            )
+            raise RuntimeError(f"Sinkhorn produced non-finite potentials at relative eps={eps:g}; increase reg")
         if eps <= reg:
             return f, g, total, error
         eps = max(eps * scaling, reg)

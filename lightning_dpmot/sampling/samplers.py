@@ -58,15 +58,22 @@ def _denoise(D: CountingDenoiser, x: Tensor, sigma: Tensor, class_labels: Tensor
     return D(x, sigma.to(x.dtype).expand(x.shape[0]), class_labels).to(x.dtype)
 
 
-def _emit(callback: StepCallback | None, i: int, x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor) -> None:
+def _emit(
+    callback: StepCallback | None, i: int, x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor
+) -> None:
     if callback is not None:
         callback({"i": i, "x": x, "sigma": float(sigma), "sigma_next": float(sigma_next), "denoised": denoised})
 
 
 @torch.no_grad()
 def sample_euler(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, class_labels: Tensor | None = None,
-    generator: torch.Generator | NoiseSource | None = None, callback: StepCallback | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
+    callback: StepCallback | None = None,
 ) -> SampleResult:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma. NFE = N.
 
@@ -100,8 +107,13 @@ def _heun_step(
 
 @torch.no_grad()
 def sample_heun(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, class_labels: Tensor | None = None,
-    generator: torch.Generator | NoiseSource | None = None, callback: StepCallback | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
+    callback: StepCallback | None = None,
 ) -> SampleResult:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1). NFE = 2N - 1."""
     _check_sigmas(sigmas)
@@ -116,9 +128,17 @@ def sample_heun(
 
 @torch.no_grad()
 def sample_heun_stochastic(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, class_labels: Tensor | None = None,
-    generator: torch.Generator | NoiseSource | None = None, callback: StepCallback | None = None,
-    S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
 ) -> SampleResult:
     """EDM's stochastic sampler (Algorithm 2): before each Heun step, raise the noise level to
     sigma_hat = sigma (1 + gamma) with gamma = min(S_churn / N, sqrt(2) - 1) when S_min <= sigma <= S_max, adding
@@ -142,7 +162,8 @@ def sample_heun_stochastic(
 
 def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
     """Split the move to ``sigma_next`` into a deterministic part to ``sigma_down`` and fresh noise ``sigma_up``
-    with sigma_down^2 + sigma_up^2 = sigma_next^2 and sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)
+    with sigma_down^2 + sigma_up^2 = sigma_next^2 and
+    sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)
     (DDIM's sigma_t(eta) written in sigma space)."""
     sigma_up = (eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).clamp(min=0).sqrt()).clamp(max=sigma_next)
     sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0).sqrt()
@@ -151,8 +172,13 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tenso
 
 @torch.no_grad()
 def sample_euler_ancestral(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, class_labels: Tensor | None = None,
-    generator: torch.Generator | NoiseSource | None = None, callback: StepCallback | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
+    callback: StepCallback | None = None,
     eta: float = 1.0,
 ) -> SampleResult:
     """DDIM with stochasticity eta (Song et al. 2021, Eq. 12) in sigma space. NFE = N.

@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 
-def karras_sigmas(
-    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
-) -> Tensor:
+def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """EDM's time discretisation (Karras et al. 2022, Eq. 5), float64, descending, with a final 0.
 
     sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i = 0..N-1,

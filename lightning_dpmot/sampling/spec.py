@@ -87,8 +87,14 @@ class SamplerSpec:
 
 
 def run_sampler(
-    spec: SamplerSpec, denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, class_labels: Tensor | None = None,
-    generator: torch.Generator | NoiseSource | None = None, callback: StepCallback | None = None,
+    spec: SamplerSpec,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
+    callback: StepCallback | None = None,
 ) -> SampleResult:
     """Run the sampler named by ``spec`` from ``x`` at ``sigmas[0]`` (see :mod:`lightning_dpmot.sampling.samplers`)."""
     if spec.guidance_scale != 1.0 and class_labels is not None:
@@ -100,7 +106,13 @@ def run_sampler(
         return sample_euler(denoiser, x, sigmas, **kwargs)
     if spec.name == "stochastic":
         return sample_heun_stochastic(
-            denoiser, x, sigmas, S_churn=spec.S_churn, S_min=spec.S_min, S_max=spec.S_max, S_noise=spec.S_noise,
+            denoiser,
+            x,
+            sigmas,
+            S_churn=spec.S_churn,
+            S_min=spec.S_min,
+            S_max=spec.S_max,
+            S_noise=spec.S_noise,
             **kwargs,
         )
     eta = 1.0 if spec.name == "ddpm" else spec.eta

@@ -59,9 +59,7 @@ class StackedGenerator:
 
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         """(B, *shape) standard normal noise, row i from generator i."""
-        return torch.stack(
-            [torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators]
-        )
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
 
     def randn_like(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self.generators):

@@ -39,9 +39,17 @@ def test_feature_kind_resolution() -> None:
 def test_fid_callback_logs_curve_and_matches_offline_fid(tmp_path: Path) -> None:
     fid = FIDCallback(samplers=SPECS, num_samples=64, batch_size=32, cache_dir=str(tmp_path / "cache"))
     model, dm = tiny_edm(), DigitsDataModule(batch_size=32)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, limit_train_batches=2, limit_val_batches=1,
-                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path), enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[EMAHalfLife(halflife_images=50), fid])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[EMAHalfLife(halflife_images=50), fid],
+    )
     trainer.fit(model, dm)
     keys = {h["key"] for h in fid.history}
     assert keys == {"val/fid@nfe=2", "val/fid@nfe=4"} and len(fid.history) == 4  # 2 evaluations x 2 settings
@@ -64,9 +72,15 @@ def test_fid_on_points_is_rejected(tmp_path: Path) -> None:
     from lightning_dpmot.nets import MLPDenoiserNet
 
     model = tiny_edm(net=MLPDenoiserNet, data_shape=(2,), num_classes=8)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, callbacks=[FIDCallback(cache_dir=str(tmp_path))])
-    with pytest.raises(ValueError, match="needs image data"):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[FIDCallback(cache_dir=str(tmp_path))],
+    )
+    with pytest.raises(ValueError, match="need image data"):
         trainer.fit(model, Toy2DDataModule(num_train=512, num_val=64))
 
 
@@ -87,9 +101,19 @@ class CheckedFID(FIDCallback):
 @pytest.mark.slow
 def test_fid_callback_under_two_process_ddp(tmp_path: Path) -> None:
     fid = CheckedFID(samplers=SPECS[:1], num_samples=40, batch_size=16, cache_dir=str(tmp_path / "cache"))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_train_batches=2,
-                        limit_val_batches=1, num_sanity_val_steps=0, logger=CSVLogger(tmp_path),
-                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[fid])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[fid],
+    )
     trainer.fit(tiny_edm(), DigitsDataModule(batch_size=16))
     assert trainer.callback_metrics["fid_checked"].item() == 1.0
     assert trainer.callback_metrics["val/fid@nfe=2"].item() > 0

@@ -29,9 +29,17 @@ def test_make_grid_layout() -> None:
 def test_grids_during_training_and_final_grid_uses_ema(tmp_path: Path) -> None:
     ema = EMAHalfLife(halflife_images=10)
     grid = SampleGrid(num_samples=4, sampler=SamplerSpec("euler", num_steps=2))
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, limit_train_batches=2, limit_val_batches=1,
-                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path), enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[grid, ema])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[grid, ema],
+    )
     model = tiny_edm()
     trainer.fit(model, DigitsDataModule(batch_size=16))
     samples_dir = Path(trainer.log_dir) / "samples"

@@ -34,8 +34,11 @@ def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
     args = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
     data_cls = cfg.get("data", {}).get("class_path", "")
     if data_cls.endswith("CIFAR10DataModule"):
-        args += [f"--data.init_args.root={fake_cifar}", "--data.init_args.batch_size=4",
-                 "--data.init_args.num_workers=0"]
+        args += [
+            f"--data.init_args.root={fake_cifar}",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0",
+        ]
     net_cls = cfg.get("model", {}).get("init_args", {}).get("net", {}).get("class_path", "")
     if net_cls.endswith("DDPMppUNet") and "cifar" in name:
         args += TINY_UNET
@@ -59,8 +62,15 @@ def test_print_config(name: str, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", *config_args(name), *fast_overrides(name, tmp_path, fake_cifar10),
-                "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            *config_args(name),
+            *fast_overrides(name, tmp_path, fake_cifar10),
+            "--trainer.fast_dev_run=1",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.trainer.global_step == 1
     assert cli.trainer.callback_metrics["train/loss"].isfinite()
 
@@ -81,9 +91,19 @@ def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bad_value_is_one_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(REPO / "configs/edm/cifar10_ddpmpp.yaml"), f"--data.init_args.root={tmp_path}/nope",
-              "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.fast_dev_run=1",
-              *TINY_UNET])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs/edm/cifar10_ddpmpp.yaml"),
+                f"--data.init_args.root={tmp_path}/nope",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=1",
+                "--trainer.strategy=auto",
+                "--trainer.fast_dev_run=1",
+                *TINY_UNET,
+            ]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "dpmot: error: FileNotFoundError" in err and "nope" in err and "data_batch_1" in err

@@ -133,9 +133,7 @@ def test_restricted_unpickler_refuses_foreign_globals(tmp_path: Path) -> None:
         read_cifar_batch(path)
 
 
-def test_md5_mismatch_removes_the_archive_and_extracts_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_md5_mismatch_removes_the_archive_and_extracts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
     def fake_download(url: str, dest: Path) -> None:
@@ -147,9 +145,7 @@ def test_md5_mismatch_removes_the_archive_and_extracts_nothing(
     with pytest.raises(ValueError, match=f"does not match the expected {cifar10.CIFAR10_MD5}"):
         dm.prepare_data()
     assert calls == [cifar10.CIFAR10_URL]
-    assert (
-        sorted(p.name for p in tmp_path.iterdir()) == []
-    )  # archive and partial file gone, nothing extracted
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # archive and partial file gone, nothing extracted
 
 
 def test_verified_download_extracts_once_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,9 +168,7 @@ def test_verified_download_extracts_once_and_loads(tmp_path: Path, monkeypatch: 
     assert len(calls) == 1
 
 
-def test_existing_archive_is_reused_without_downloading(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_existing_archive_is_reused_without_downloading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_archive(tmp_path / "cifar-10-python.tar.gz", _fake_batches())
     digest = hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
     monkeypatch.setattr(cifar10, "CIFAR10_MD5", digest)
@@ -212,9 +206,7 @@ def test_safe_extract_rejects_links_and_never_overwrites(tmp_path: Path) -> None
         safe_extract(archive, tmp_path)
 
     archive = tmp_path / "two.tar.gz"
-    _fake_archive(
-        archive, {name: {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]} for name in BATCH_FILES[:2]}
-    )
+    _fake_archive(archive, {name: {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]} for name in BATCH_FILES[:2]})
     dest = tmp_path / "dest"
     (dest / "cifar-10-batches-py").mkdir(parents=True)
     (dest / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"keep")

@@ -17,9 +17,7 @@ def test_stated_geometry() -> None:
     assert torch.allclose(eight[2], torch.tensor([0.0, 1.0]), atol=1e-6)
     grid = toy2d_centers("grid25", scale=2.0)
     assert grid.shape == (25, 2)
-    assert torch.equal(grid[0], torch.tensor([-2.0, -2.0])) and torch.equal(
-        grid[7], torch.tensor([0.0, -1.0])
-    )
+    assert torch.equal(grid[0], torch.tensor([-2.0, -2.0])) and torch.equal(grid[7], torch.tensor([0.0, -1.0]))
     moons = toy2d_centers("moons")
     expected_y = 2 / 3 * (2 / math.pi - 0.25)
     assert torch.allclose(moons, torch.tensor([[-1 / 3, expected_y], [1 / 3, -expected_y]]), atol=1e-6)
@@ -74,9 +72,7 @@ def test_data_is_deterministic_and_splits_independent() -> None:
     assert torch.equal(a.dataset("val").labels, b.dataset("val").labels)
     assert len(a.dataset("val")) == 50
     assert not torch.equal(a.dataset("train").x[:50], a.dataset("val").x)
-    assert not torch.equal(
-        a.dataset("train").x, Toy2DDataModule(num_train=300, num_val=50, seed=5).dataset("train").x
-    )
+    assert not torch.equal(a.dataset("train").x, Toy2DDataModule(num_train=300, num_val=50, seed=5).dataset("train").x)
     assert a.name == "toy2d-8gaussians-std0.05-scale1-seed4"
 
 

@@ -28,7 +28,9 @@ def test_known_values_at_sigma_equal_sigma_data() -> None:
     assert c.c_skip.item() == pytest.approx(0.5)
     assert c.c_out.item() == pytest.approx(0.5 / math.sqrt(2))
     assert c.c_in.item() == pytest.approx(math.sqrt(2))
-    assert edm_loss_weight(torch.tensor(0.5, dtype=torch.float64)).item() == pytest.approx(8.0)  # (0.25 + 0.25) / 0.25^2
+    assert edm_loss_weight(torch.tensor(0.5, dtype=torch.float64)).item() == pytest.approx(
+        8.0
+    )  # (0.25 + 0.25) / 0.25^2
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)

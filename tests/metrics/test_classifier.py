@@ -86,9 +86,7 @@ def test_fid_rises_with_additive_noise(digits16: tuple[Tensor, ...], fid_to_trai
     assert all(a < b for a, b in pairwise(fids)), fids
 
 
-def test_torchmetrics_fid_accepts_the_extractor(
-    digits16: tuple[Tensor, ...], trained: ClassifierFeatures
-) -> None:
+def test_torchmetrics_fid_accepts_the_extractor(digits16: tuple[Tensor, ...], trained: ClassifierFeatures) -> None:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     real, fake = (digits16[0][:200] + 1) / 2, (digits16[2][:200] + 1) / 2

@@ -56,9 +56,7 @@ def test_constructed_curved_path_has_known_values() -> None:
 
 def test_values_are_per_sample() -> None:
     xs, ds, sigmas = _curved()
-    straight_x = torch.tensor([3.0, 4.0], dtype=torch.float64) + sigmas.view(-1, 1, 1) * torch.tensor(
-        [1.0, -2.0]
-    )
+    straight_x = torch.tensor([3.0, 4.0], dtype=torch.float64) + sigmas.view(-1, 1, 1) * torch.tensor([1.0, -2.0])
     both_x, both_d = (
         torch.cat([xs, straight_x], dim=1),
         torch.cat([ds, straight_x[-1:].expand(3, 1, 2)], dim=1),

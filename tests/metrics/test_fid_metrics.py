@@ -44,9 +44,7 @@ class Toy16(nn.Module):
 
 def _images(n: int, seed: int, shift: float = 0.0) -> Tensor:
     """(n, 3, 4, 4) in [-1, 1]."""
-    return (torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 1.6 - 0.8 + shift).clamp(
-        -1, 1
-    )
+    return (torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 1.6 - 0.8 + shift).clamp(-1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +98,7 @@ def test_rank_split_keeps_sum_reduction_exact(reference: ReferenceStats) -> None
 
 
 def test_kid_reference_shards_and_value(reference: ReferenceStats) -> None:
-    shards = [
-        build_kid_metric(Toy16(), reference=reference, subset_size=50, rank=r, world_size=2) for r in range(2)
-    ]
+    shards = [build_kid_metric(Toy16(), reference=reference, subset_size=50, rank=r, world_size=2) for r in range(2)]
     joined = torch.cat([m.real_features[0] for m in shards])
     assert torch.equal(joined, torch.from_numpy(reference.features))
     fake = to_unit_range(_images(100, seed=3, shift=0.3))

@@ -110,9 +110,7 @@ def no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_missing_weights_error_names_file_and_paths(
-    no_weights: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_weights_error_names_file_and_paths(no_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(WEIGHTS_ENV_VAR, str(no_weights / "elsewhere.pth"))
     with pytest.raises(FileNotFoundError) as info:
         InceptionV3Features()
@@ -240,8 +238,6 @@ def test_input_conversion() -> None:
     assert gray.shape == (2, 3, 4, 4) and torch.equal(gray, u8[:, :1].float().expand(-1, 3, -1, -1))
     exact = InceptionV3Features(pretrained=False, quantize=False)
     assert exact.name != model.name
-    torch.testing.assert_close(
-        exact._to_pixels(torch.full((1, 3, 2, 2), 0.5)), torch.full((1, 3, 2, 2), 127.5)
-    )
+    torch.testing.assert_close(exact._to_pixels(torch.full((1, 3, 2, 2), 0.5)), torch.full((1, 3, 2, 2), 127.5))
     with pytest.raises(ValueError, match=r"\(B, 1 or 3, H, W\)"):
         model(torch.rand(1, 2, 8, 8))

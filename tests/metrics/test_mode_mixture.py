@@ -63,9 +63,7 @@ def test_mode_coverage_reports_dropped_modes() -> None:
     centers, std = _ring(), 0.02
     counts_wanted = torch.tensor([10, 5, 1, 0, 0, 0, 0, 0])
     on_mode = centers.repeat_interleave(counts_wanted, dim=0)
-    x = torch.cat(
-        [on_mode, torch.zeros(7, 2, dtype=torch.float64)]
-    )  # 7 samples at the ring's centre: off-mode
+    x = torch.cat([on_mode, torch.zeros(7, 2, dtype=torch.float64)])  # 7 samples at the ring's centre: off-mode
     counts, hit = mode_coverage(x, centers, std)
     assert counts.tolist() == counts_wanted.tolist() and hit == 3
     assert mode_coverage(x, centers, std, min_count=5)[1] == 2

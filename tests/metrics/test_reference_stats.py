@@ -56,9 +56,7 @@ def test_compute_matches_direct_statistics(images: Tensor) -> None:
     np.testing.assert_allclose(stats.sigma, sigma, rtol=1e-8, atol=1e-12)
     # the kept subset: 10 distinct rows of the full feature set, not simply the first batch
     assert stats.features is not None and stats.features.shape == (10, 16)
-    dist = torch.cdist(
-        torch.from_numpy(stats.features), all_features, compute_mode="donot_use_mm_for_euclid_dist"
-    )
+    dist = torch.cdist(torch.from_numpy(stats.features), all_features, compute_mode="donot_use_mm_for_euclid_dist")
     rows = dist.argmin(dim=1)
     assert dist.min(dim=1).values.max() < 1e-5 and len(set(rows.tolist())) == 10
     assert rows.max() >= 16
@@ -77,9 +75,7 @@ def test_max_samples_and_no_subset(images: Tensor) -> None:
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    stats = ReferenceStats(
-        rng.normal(size=5), np.eye(5) * 2.0, 1234, rng.normal(size=(7, 5)), {"split": "train"}
-    )
+    stats = ReferenceStats(rng.normal(size=5), np.eye(5) * 2.0, 1234, rng.normal(size=(7, 5)), {"split": "train"})
     path = stats.save(tmp_path / "sub" / "stats.npz")
     assert [p.name for p in path.parent.iterdir()] == ["stats.npz"]  # no temporary files left behind
     with np.load(path, allow_pickle=False) as data:

@@ -20,8 +20,10 @@ class CheckNoise(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         noise = pl_module.draw_noise(batch["x"], batch_idx)
-        expected = torch.randn(batch["x"].shape, generator=make_generator(
-            pl_module.base_seed, trainer.global_rank, trainer.current_epoch, batch_idx, 1, 0))
+        expected = torch.randn(
+            batch["x"].shape,
+            generator=make_generator(pl_module.base_seed, trainer.global_rank, trainer.current_epoch, batch_idx, 1, 0),
+        )
         assert torch.equal(noise, expected)
         gathered = pl_module.all_gather(noise)
         assert gathered.shape[0] == 2
@@ -33,8 +35,18 @@ class CheckNoise(L.Callback):
 
 def test_ranks_draw_different_noise(tmp_path: Path) -> None:
     L.seed_everything(0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[CheckNoise()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CheckNoise()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(tiny_edm(), DigitsDataModule(batch_size=8))
     assert trainer.callback_metrics["checked_ranks"].item() == 2.0  # the workers ran the checks

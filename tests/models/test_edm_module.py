@@ -18,8 +18,15 @@ from lightning_dpmot.sampling import SamplerSpec
 
 
 def trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -112,7 +119,9 @@ def test_predict_writes_pngs_and_one_npz(tmp_path: Path) -> None:
     assert pngs == [f"{s:06d}.png" for s in range(100, 110)]
     data = np.load(out / "samples.npz")
     assert data["x"].shape == (10, 1, 8, 8) and data["images"].shape == (10, 8, 8, 1)
-    assert data["seeds"].tolist() == list(range(100, 110)) and data["labels"].tolist() == [s % 10 for s in range(100, 110)]
+    assert data["seeds"].tolist() == list(range(100, 110)) and data["labels"].tolist() == [
+        s % 10 for s in range(100, 110)
+    ]
     assert int(data["nfe"]) == 2
     assert np.array_equal(np.asarray(Image.open(out / "000103.png")), data["images"][3, ..., 0])
     with pytest.raises(FileExistsError, match="not empty"):

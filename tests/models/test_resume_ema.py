@@ -33,9 +33,16 @@ class Record(L.Callback):
 def test_ema_callback_equals_manual_average(tmp_path: Path) -> None:
     ema, rec = EMAHalfLife(halflife_images=64, rampup_ratio=0.5), Record()
     model = tiny_edm()
-    L.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, callbacks=[rec, ema], default_root_dir=tmp_path).fit(
-        model, DigitsDataModule(batch_size=16))
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[rec, ema],
+        default_root_dir=tmp_path,
+    ).fit(model, DigitsDataModule(batch_size=16))
     expected = [p.clone() for p in rec.params[0]]  # first update copies
     for step in range(1, 5):
         beta = ema_beta(16, 64, step * 16, 0.5)
@@ -51,8 +58,15 @@ def fit(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> Path:
     model = tiny_edm(class_conditional=True, label_dropout=0.2, lr_warmup_images=200, seed=5)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         callbacks=[EMAHalfLife(halflife_images=100, rampup_ratio=0.1), ckpt],
     )
     trainer.fit(model, DigitsDataModule(batch_size=32, x_flip=True), ckpt_path=ckpt_path)

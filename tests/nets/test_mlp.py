@@ -104,8 +104,6 @@ def test_constructor_follows_net_interface() -> None:
     assert [p.name for p in params[:2]] == ["data_shape", "num_classes"]
     doc = inspect.getdoc(MLPDenoiserNet) or ""
     for p in params[1:]:
-        assert p.default is not inspect.Parameter.empty and p.annotation is not inspect.Parameter.empty, (
-            p.name
-        )
+        assert p.default is not inspect.Parameter.empty and p.annotation is not inspect.Parameter.empty, p.name
         assert f"    {p.name}:" in doc, f"{p.name} missing from the Args section"
     assert math.isclose(MLPDenoiserNet((2,)).blocks[0].fc1.weight.abs().max().item(), 0, abs_tol=1e-4)

@@ -201,9 +201,7 @@ def test_bad_data_shapes() -> None:
         DDPMppUNet((2,), 0, **TINY)
     with pytest.raises(ValueError, match="needs square images"):
         DDPMppUNet((3, 16, 8), 0, **TINY)
-    with pytest.raises(
-        ValueError, match=r"attn_resolutions \[16\] are not among the U-Net's resolutions \[8, 4\]"
-    ):
+    with pytest.raises(ValueError, match=r"attn_resolutions \[16\] are not among the U-Net's resolutions \[8, 4\]"):
         DDPMppUNet((1, 8, 8), 0, **{**TINY, "attn_resolutions": [16]})
     with pytest.raises(ValueError, match="resample_filter must be a 1-D list of an even number of taps"):
         DDPMppUNet((1, 8, 8), 0, **TINY, resample_filter=[1, 2, 1])
@@ -315,7 +313,5 @@ def test_constructor_follows_net_interface() -> None:
     assert [p.name for p in params[:2]] == ["data_shape", "num_classes"]
     doc = inspect.getdoc(DDPMppUNet) or ""
     for p in params[1:]:
-        assert p.default is not inspect.Parameter.empty and p.annotation is not inspect.Parameter.empty, (
-            p.name
-        )
+        assert p.default is not inspect.Parameter.empty and p.annotation is not inspect.Parameter.empty, p.name
         assert f"    {p.name}:" in doc, f"{p.name} missing from the Args section"

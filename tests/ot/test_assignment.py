@@ -83,9 +83,7 @@ def test_exact_robust_to_1e12_scale_costs() -> None:
     "infinity" is 1e6); the row reduction plus power-of-two scaling of ``"exact"`` must solve all of them."""
     for seed in range(20):
         cost = make_cost("huge", seed=seed)
-        assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(
-            scipy_optimum(cost), rel=1e-13
-        )
+        assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(scipy_optimum(cost), rel=1e-13)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -100,9 +98,7 @@ def test_half_precision_cost_accepted(method: str) -> None:
 def test_exact_float32_and_integer_inputs() -> None:
     cost64 = make_cost("random", n=50, seed=7)
     opt = scipy_optimum(cost64.float().double())
-    assert float(assignment_cost(cost64.float().double(), solve_assignment(cost64.float()))) == pytest.approx(
-        opt
-    )
+    assert float(assignment_cost(cost64.float().double(), solve_assignment(cost64.float()))) == pytest.approx(opt)
     ints = torch.randint(0, 1000, (40, 40), generator=_gen(8))
     perm = solve_assignment(ints)
     assert int(assignment_cost(ints, perm)) == round(scipy_optimum(ints.double()))
@@ -118,9 +114,7 @@ def test_exact_warm_start_keeps_optimum(kind: str) -> None:
 
 def test_exact_on_structured_problem_matches_scipy() -> None:
     cost = structured_problem(96, seed=0)
-    assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(
-        scipy_optimum(cost), rel=1e-13
-    )
+    assert float(assignment_cost(cost, solve_assignment(cost))) == pytest.approx(scipy_optimum(cost), rel=1e-13)
 
 
 # --------------------------------------------------------------------------------------------------- auction
@@ -225,9 +219,7 @@ def test_round_greedy_recovers_a_permutation_matrix() -> None:
 
 
 def test_sinkhorn_bad_rounding() -> None:
-    with pytest.raises(
-        ValueError, match="unknown rounding 'nearest'; valid roundings are 'auction', 'greedy'"
-    ):
+    with pytest.raises(ValueError, match="unknown rounding 'nearest'; valid roundings are 'auction', 'greedy'"):
         solve_assignment(make_cost("random"), "sinkhorn", rounding="nearest")
 
 

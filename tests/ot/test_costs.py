@@ -47,9 +47,7 @@ def test_chunked_equals_unchunked(batches, chunk: int) -> None:
     x, y = batches
     for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
         full = pairwise_cost(x, y, "l2", dtype=dtype)
-        torch.testing.assert_close(
-            pairwise_cost(x, y, "l2", chunk_size=chunk, dtype=dtype), full, rtol=tol, atol=tol
-        )
+        torch.testing.assert_close(pairwise_cost(x, y, "l2", chunk_size=chunk, dtype=dtype), full, rtol=tol, atol=tol)
 
 
 def test_l2_squared_is_sqeuclidean(batches) -> None:

@@ -91,9 +91,7 @@ def test_symmetric_square_keeps_h_at_zero() -> None:
 def test_asymmetric_masses_are_matched(source: str) -> None:
     nu = torch.tensor([0.4, 0.3, 0.2, 0.1])
     lr = 0.05 if source == "gaussian" else 0.015
-    solver = SemiDiscreteOT(
-        SQUARE, nu, source=source, lr=lr, num_mc_samples=8192, chunk_size=4096, patience=20
-    )
+    solver = SemiDiscreteOT(SQUARE, nu, source=source, lr=lr, num_mc_samples=8192, chunk_size=4096, patience=20)
     result = solver.fit(300, tol=0.02, progress=False)
     assert result["converged"]
     assert (quadrature_masses(solver) - nu.double()).abs().max() < 0.01
@@ -178,10 +176,7 @@ def test_cell_masses_do_not_depend_on_the_target_block_size() -> None:
         solver.h.copy_(h)
         masses.append(solver.cell_masses(num_samples=3000, iteration=4))
     assert torch.equal(masses[0], masses[1]) and torch.equal(masses[0], masses[2])
-    assert (
-        masses[0].sum().item() == pytest.approx(1.0)
-        and (masses[0] * 3072).eq((masses[0] * 3072).round()).all()
-    )
+    assert masses[0].sum().item() == pytest.approx(1.0) and (masses[0] * 3072).eq((masses[0] * 3072).round()).all()
 
 
 def test_antithetic_scores_reflections_from_the_same_gemm() -> None:
@@ -200,9 +195,7 @@ def test_antithetic_scores_reflections_from_the_same_gemm() -> None:
 
 def test_antithetic_fit_balances_the_cells() -> None:
     nu = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    solver = SemiDiscreteOT(
-        SQUARE, nu, lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20, antithetic=True
-    )
+    solver = SemiDiscreteOT(SQUARE, nu, lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20, antithetic=True)
     solver.fit(300, tol=0.02, progress=False)
     assert (quadrature_masses(solver) - nu.double()).abs().max() < 0.01
 

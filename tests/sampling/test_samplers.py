@@ -38,7 +38,9 @@ def uniform_sigmas(n: int, hi: float = 10.0, lo: float = 1e-3) -> torch.Tensor:
 
 def global_errors(sampler, ns: list[int]) -> list[float]:
     x0 = torch.ones(1, 1, dtype=torch.float64)
-    return [abs(sampler(gaussian_denoiser, x0.clone(), uniform_sigmas(n)).x - exact_solution(x0, 10.0)).item() for n in ns]
+    return [
+        abs(sampler(gaussian_denoiser, x0.clone(), uniform_sigmas(n)).x - exact_solution(x0, 10.0)).item() for n in ns
+    ]
 
 
 def test_heun_is_second_order_and_euler_first_order() -> None:
@@ -53,8 +55,13 @@ def test_heun_is_second_order_and_euler_first_order() -> None:
 
 @pytest.mark.parametrize(
     "sampler,n,nfe",
-    [(sample_heun, 18, 35), (sample_heun, 1, 1), (sample_euler, 10, 10), (sample_heun_stochastic, 18, 35),
-     (sample_euler_ancestral, 7, 7)],
+    [
+        (sample_heun, 18, 35),
+        (sample_heun, 1, 1),
+        (sample_euler, 10, 10),
+        (sample_heun_stochastic, 18, 35),
+        (sample_euler_ancestral, 7, 7),
+    ],
 )
 def test_nfe_counts(sampler, n: int, nfe: int) -> None:
     calls = []
@@ -88,8 +95,12 @@ def test_stochastic_without_churn_equals_heun() -> None:
 def test_stochastic_churn_adds_noise_reproducibly() -> None:
     x = torch.randn(4, 3)
     sig = karras_sigmas(6)
-    runs = [sample_heun_stochastic(gaussian_denoiser, x.clone(), sig, S_churn=40,
-                                   generator=torch.Generator().manual_seed(s)).x for s in (1, 1, 2)]
+    runs = [
+        sample_heun_stochastic(
+            gaussian_denoiser, x.clone(), sig, S_churn=40, generator=torch.Generator().manual_seed(s)
+        ).x
+        for s in (1, 1, 2)
+    ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
@@ -131,8 +142,9 @@ def test_sigma_space_ddim_equals_vp_space_ddim(eta: float) -> None:
     expected_vp = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps + s * z
     sigmas = torch.stack([sched.sigmas[t], sched.sigmas[t_prev], torch.tensor(0.0)]).double()
     seen = []
-    out = sample_euler_ancestral(D, x_vp / a.sqrt(), sigmas, eta=eta, generator=_Replay(z),
-                                 callback=lambda info: seen.append(info["x"].clone()))
+    out = sample_euler_ancestral(
+        D, x_vp / a.sqrt(), sigmas, eta=eta, generator=_Replay(z), callback=lambda info: seen.append(info["x"].clone())
+    )
     assert torch.allclose(seen[0] * a_prev.sqrt(), expected_vp, atol=1e-5)
     assert out.nfe == 2
 
@@ -182,7 +194,11 @@ def test_cfg_combines_conditional_and_unconditional() -> None:
 def test_run_sampler_dispatch_and_bad_schedule() -> None:
     x, sig = torch.randn(2, 3), karras_sigmas(4)
     assert run_sampler(SamplerSpec("heun", 4), gaussian_denoiser, x.clone(), sig).nfe == 7
-    assert run_sampler(SamplerSpec("ddpm", 4), gaussian_denoiser, x.clone(), sig,
-                       generator=torch.Generator().manual_seed(0)).nfe == 4
+    assert (
+        run_sampler(
+            SamplerSpec("ddpm", 4), gaussian_denoiser, x.clone(), sig, generator=torch.Generator().manual_seed(0)
+        ).nfe
+        == 4
+    )
     with pytest.raises(ValueError, match="end with 0"):
         sample_heun(gaussian_denoiser, x, sig[:-1])

@@ -194,6 +194,7 @@ class ClassifierFeatures(nn.Module):
         return correct / len(x)
 
     @classmethod
+    @torch.inference_mode(False)
     def fit(
         cls,
         x_train: Tensor,
@@ -299,13 +300,16 @@ class ClassifierFeatures(nn.Module):
 def train_classifier(model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]) -> None:
     """Cross-entropy on network-scale inputs (N, ...): seeded minibatch order, cosine-decayed AdamW.
 
-    Runs single-threaded: the ops are too small to gain from intra-op parallelism (on a loaded machine extra
+    Works under inference mode / no_grad as well. Runs single-threaded: the ops are too small to gain from intra-op parallelism (on a loaded machine extra
     threads make it several times slower), and the weights then do not depend on the machine's thread count.
     """
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_loop(model, net_input, labels, hparams)
+        # Callers may be inside Lightning's validation/test (inference mode, no grad): training needs autograd
+        # and tensors that are not inference tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            _train_loop(model, net_input.clone(), labels.clone(), hparams)
     finally:
         torch.set_num_threads(num_threads)
 

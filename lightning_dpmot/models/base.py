@@ -160,14 +160,22 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    @override
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def _eval_loss(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
+        """Loss on held-out data with noise fixed per batch (comparable across evaluations)."""
         x = batch["x"]
         gen_noise = make_generator(self.base_seed, VAL, batch_idx, NOISE, device=self.device)
         gen_sigma = make_generator(self.base_seed, VAL, batch_idx, SIGMA, device=self.device)
         noise = torch.randn(x.shape, generator=gen_noise, device=x.device)
         loss = self.loss(x, noise, self.class_labels(batch), gen_sigma).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_loss(batch, batch_idx, "val")
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_loss(batch, batch_idx, "test")
 
     def images_seen(self) -> int:
         """Training images consumed so far over all ranks (EDM's ``cur_nimg``)."""

@@ -13,7 +13,8 @@ from lightning_dpmot.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml"))
-FRAGMENTS = {"loggers/wandb.yaml": "quickstart.yaml"}  # partial configs, composed over a full one
+# partial configs, composed over a full one, and the subcommand they are for
+FRAGMENTS = {"loggers/wandb.yaml": ("quickstart.yaml", "fit"), "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test")}
 TINY_UNET = [
     "--model.init_args.net.init_args.model_channels=8",
     "--model.init_args.net.init_args.num_blocks=1",
@@ -24,13 +25,17 @@ TINY_UNET = [
 
 def config_args(name: str) -> list[str]:
     if name in FRAGMENTS:
-        return ["--config", str(REPO / "configs" / FRAGMENTS[name]), "--config", str(REPO / "configs" / name)]
+        return ["--config", str(REPO / "configs" / FRAGMENTS[name][0]), "--config", str(REPO / "configs" / name)]
     return ["--config", str(REPO / "configs" / name)]
+
+
+def subcommand(name: str) -> str:
+    return FRAGMENTS[name][1] if name in FRAGMENTS else "fit"
 
 
 def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
     """Make a config cheap enough for one CPU step without changing what it composes."""
-    cfg = yaml.safe_load((REPO / "configs" / (FRAGMENTS.get(name) or name)).read_text())
+    cfg = yaml.safe_load((REPO / "configs" / (FRAGMENTS[name][0] if name in FRAGMENTS else name)).read_text())
     args = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
     data_cls = cfg.get("data", {}).get("class_path", "")
     if data_cls.endswith("CIFAR10DataModule"):
@@ -52,7 +57,7 @@ def test_configs_exist() -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_print_config(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["fit", *config_args(name), "--print_config"])
+        main([subcommand(name), *config_args(name), "--print_config"])
     assert exc.value.code in (0, None)
     dumped = yaml.safe_load(capsys.readouterr().out)
     assert dumped["seed_everything"] is not None and dumped["seed_everything"] is not True, "explicit seed required"
@@ -64,15 +69,18 @@ def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cli = main(
         [
-            "fit",
+            subcommand(name),
             *config_args(name),
             *fast_overrides(name, tmp_path, fake_cifar10),
             "--trainer.fast_dev_run=1",
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    assert cli.trainer.global_step == 1
-    assert cli.trainer.callback_metrics["train/loss"].isfinite()
+    if subcommand(name) == "fit":
+        assert cli.trainer.global_step == 1
+        assert cli.trainer.callback_metrics["train/loss"].isfinite()
+    else:
+        assert cli.trainer.callback_metrics["test/loss"].isfinite()
 
 
 def test_unknown_key_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,252 @@
+"""FID against NFE for a checkpoint: samplers x rho x NFE, written as a CSV table and a PNG plot.
+
+    dpmot test --config configs/quickstart.yaml --config configs/eval/fid_vs_nfe.yaml \\
+        --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
+
+Protocol (EDM's, where it applies): every setting uses the same seeds; ``seed_ranges`` > 1 repeats the evaluation on
+disjoint seed ranges [r * num_samples, (r + 1) * num_samples) and reports the minimum (EDM's paper numbers), the
+mean and the standard deviation; statistics of the real data are those of the training split. Alongside FID:
+improved precision/recall (k-NN manifolds, first seed range), the mode-mixture rate when the features come from a
+classifier, seconds per sample, and — once per checkpoint — the straightness of the ODE trajectories on a fine
+Heun grid (see :mod:`lightning_dpmot.metrics.curvature`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_dpmot.callbacks.reference import prepare_reference
+from lightning_dpmot.metrics.curvature import TrajectoryRecorder, mean_trajectory_metrics
+from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind
+from lightning_dpmot.metrics.mode_mixture import mode_mixture_rate
+from lightning_dpmot.metrics.precision_recall import precision_recall
+from lightning_dpmot.metrics.reference_stats import ReferenceStats, to_unit_range
+from lightning_dpmot.models.base import rank_seeds
+from lightning_dpmot.sampling.spec import SamplerName, SamplerSpec
+from lightning_dpmot.utils.random import StackedGenerator
+
+
+def gather_rows(trainer: L.Trainer, rows: Tensor) -> Tensor:
+    """Concatenate every rank's (n_r, d) rows in rank order (collective; ranks may hold different n_r)."""
+    if trainer.world_size == 1:
+        return rows
+    counts = trainer.strategy.all_gather(torch.tensor([len(rows)], device=rows.device)).reshape(-1)
+    padded = rows.new_zeros((int(counts.max()), *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    gathered = trainer.strategy.all_gather(padded)
+    return torch.cat([gathered[r, : int(counts[r])] for r in range(trainer.world_size)])
+
+
+def sweep_specs(samplers: Sequence[str], nfes: Sequence[int], rhos: Sequence[float]) -> list[SamplerSpec]:
+    """Every valid (sampler, rho, NFE) combination (2nd-order samplers need an odd NFE; others are skipped)."""
+    specs = []
+    for name in samplers:
+        for rho in rhos:
+            for nfe in nfes:
+                try:
+                    specs.append(SamplerSpec.from_nfe(name, nfe, rho=rho))  # type: ignore[arg-type]
+                except ValueError as err:
+                    warnings.warn(f"NFESweep: skipping {name} at NFE {nfe}: {err}", stacklevel=2)
+    return specs
+
+
+class NFESweep(L.Callback):
+    """Evaluate a trained model over a grid of samplers and NFEs at the end of ``dpmot test``.
+
+    Args:
+        samplers: sampler names ("heun", "euler", "ddim", ...).
+        nfe: NFE values (odd for heun/stochastic; even values are skipped for them with a warning).
+        rho: Karras-schedule exponents (EDM: 7; AOT: 90 unconditional, 72 conditional).
+        num_samples: samples per setting and seed range (EDM: 50,000 for CIFAR-10).
+        seed_ranges: number of disjoint seed ranges (EDM reports the minimum over 3).
+        feature: "auto", "inception" or "classifier".
+        real_split: split of the reference statistics.
+        precision_recall: compute k-NN precision/recall (k = pr_k) against the stored real-feature subset.
+        pr_k: k of the k-NN manifolds.
+        mode_mixture_taus: thresholds of the mode-mixture rate (needs classifier features).
+        curvature_samples: samples whose ODE trajectories are measured (0 disables).
+        curvature_steps: Heun steps of the fine reference grid used for the trajectories.
+        batch_size: generation batch size per rank.
+        output_dir: where ``fid_vs_nfe.csv``, ``fid_vs_nfe.png`` and ``curvature.json`` go (default:
+            ``<log_dir>/fid_vs_nfe``); an existing table is never overwritten.
+        cache_dir: reference statistics and classifier cache.
+        inception_weights: path of the Inception weights file.
+    """
+
+    def __init__(
+        self,
+        samplers: list[SamplerName] | None = None,
+        nfe: list[int] | None = None,
+        rho: list[float] | None = None,
+        num_samples: int = 5000,
+        seed_ranges: int = 1,
+        feature: FeatureKind = "auto",
+        real_split: str = "train",
+        precision_recall: bool = True,
+        pr_k: int = 3,
+        mode_mixture_taus: list[float] | None = None,
+        curvature_samples: int = 64,
+        curvature_steps: int = 64,
+        batch_size: int = 256,
+        output_dir: str | None = None,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        inception_weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        if seed_ranges < 1 or num_samples < 2:
+            raise ValueError(f"need seed_ranges >= 1 and num_samples >= 2, got {seed_ranges} and {num_samples}")
+        self.specs = sweep_specs(samplers or ["heun"], nfe or [3, 5, 9, 13, 19, 27, 35], rho or [7.0])
+        if not self.specs:
+            raise ValueError("NFESweep: no valid (sampler, NFE) combination")
+        self.num_samples, self.seed_ranges = num_samples, seed_ranges
+        self.feature_kind, self.real_split, self.batch_size = feature, real_split, batch_size
+        self.do_pr, self.pr_k = precision_recall, pr_k
+        self.taus = mode_mixture_taus or [0.1, 0.2, 0.3, 0.4]
+        self.curvature_samples, self.curvature_steps = curvature_samples, curvature_steps
+        self.output_dir, self.cache_dir, self.inception_weights = output_dir, cache_dir, inception_weights
+        self.rows: list[dict[str, Any]] = []
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank
+        out_dir = Path(self.output_dir) if self.output_dir else log_dir / "fid_vs_nfe"
+        exists = trainer.strategy.broadcast((out_dir / "fid_vs_nfe.csv").exists())  # one decision for all ranks
+        if exists:
+            raise FileExistsError(f"NFESweep: {out_dir / 'fid_vs_nfe.csv'} exists; choose another output_dir")
+        with torch.inference_mode(False), torch.no_grad():
+            self.run(trainer, pl_module, out_dir)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> list[dict[str, Any]]:
+        """The whole sweep (collective). Returns the table rows (complete on rank 0)."""
+        from lightning_dpmot.metrics.fid_metrics import build_fid_metric
+
+        feature, stats = prepare_reference(
+            trainer,
+            pl_module,
+            self.feature_kind,
+            self.real_split,
+            self.cache_dir,
+            self.inception_weights,
+            self.batch_size,
+        )
+        fid = build_fid_metric(feature, stats, rank=trainer.global_rank).to(pl_module.device)
+        self.rows = []
+        for spec in self.specs:
+            row = self.evaluate_setting(trainer, pl_module, spec, fid, feature, stats)
+            pl_module.log(f"test/fid_{spec.tag}@nfe={spec.nfe}", row["fid"], sync_dist=False)
+            self.rows.append(row)
+        curvature = self.measure_curvature(pl_module) if self.curvature_samples and trainer.is_global_zero else {}
+        if trainer.is_global_zero:
+            self.write(out_dir, curvature)
+        return self.rows
+
+    def evaluate_setting(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        spec: SamplerSpec,
+        fid: nn.Module,
+        feature: nn.Module,
+        stats: ReferenceStats,
+    ) -> dict[str, Any]:
+        values, first_features, first_probs, seconds = [], None, None, 0.0
+        for r in range(self.seed_ranges):
+            fid.reset()
+            seeds = rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size, r * self.num_samples)
+            feats, probs = [], []
+            for chunk in seeds.split(self.batch_size):
+                labels = chunk % pl_module.num_classes if pl_module.class_conditional else None
+                start = time.perf_counter()
+                sample = pl_module.generate(chunk, labels, spec)
+                seconds += time.perf_counter() - start
+                images = to_unit_range(sample.x.float())
+                fid.update(images, real=False)
+                if r == 0:
+                    feats.append(feature(images).float())
+                    if hasattr(feature, "predict_proba"):
+                        probs.append(feature.predict_proba(images).float())
+            values.append(float(fid.compute()))
+            if r == 0:
+                first_features = gather_rows(trainer, torch.cat(feats))
+                first_probs = gather_rows(trainer, torch.cat(probs)) if probs else None
+        row: dict[str, Any] = {
+            "sampler": spec.name,
+            "rho": spec.rho,
+            "num_steps": spec.num_steps,
+            "nfe": spec.nfe,
+            "fid": min(values),
+            "fid_mean": float(np.mean(values)),
+            "fid_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "num_samples": self.num_samples,
+            "seeds": f"0-{self.seed_ranges * self.num_samples - 1}",
+            "sec_per_sample": seconds
+            / max(1, self.seed_ranges * len(rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size))),
+        }
+        if trainer.is_global_zero and self.do_pr and stats.features is not None:
+            real = torch.as_tensor(stats.features, dtype=torch.float32, device=first_features.device)
+            pr = precision_recall(real, first_features, k=self.pr_k)
+            row.update(precision=pr.precision, recall=pr.recall)
+        if trainer.is_global_zero and first_probs is not None:
+            row.update({f"mmr@{tau:g}": v for tau, v in mode_mixture_rate(first_probs, self.taus).items()})
+        return row
+
+    def measure_curvature(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """Straightness of Heun trajectories on a fine rho = 7 grid (rank 0, no collectives)."""
+        spec = SamplerSpec("heun", num_steps=self.curvature_steps)
+        seeds = torch.arange(self.curvature_samples) + 10_000_000
+        sigmas = pl_module.sigmas_for(spec).to(pl_module.device)
+        x = StackedGenerator(seeds, device=pl_module.device).randn(pl_module.data_shape).double() * sigmas[0]
+        labels = seeds.to(pl_module.device) % pl_module.num_classes if pl_module.class_conditional else None
+        recorder = TrajectoryRecorder(x)
+        was_training = pl_module.training
+        pl_module.eval()
+        pl_module.sample_from(x, sigmas, labels=labels, spec=spec, callback=recorder)
+        pl_module.train(was_training)
+        metrics = mean_trajectory_metrics(*recorder.stack())
+        return {**metrics, "num_samples": self.curvature_samples, "heun_steps": self.curvature_steps}
+
+    def write(self, out_dir: Path, curvature: dict[str, float]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fields = list(dict.fromkeys(k for row in self.rows for k in row))
+        with open(out_dir / "fid_vs_nfe.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if curvature:
+            (out_dir / "curvature.json").write_text(json.dumps(curvature, indent=2))
+        plot_fid_vs_nfe(self.rows, out_dir / "fid_vs_nfe.png")
+
+
+def plot_fid_vs_nfe(rows: list[dict[str, Any]], path: Path) -> Path:
+    """FID (log scale) against NFE, one line per (sampler, rho)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for key in dict.fromkeys((r["sampler"], r["rho"]) for r in rows):
+        line = sorted((r["nfe"], r["fid"]) for r in rows if (r["sampler"], r["rho"]) == key)
+        ax.plot(*zip(*line), marker="o", label=f"{key[0]}, rho={key[1]:g}")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FID")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,79 @@
+"""NFESweep: the table's rows, FID consistent with FIDCallback's definition, P/R, MMR, curvature, no overwrite."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import tiny_edm
+
+from lightning_dpmot.callbacks import NFESweep
+from lightning_dpmot.callbacks.nfe_sweep import sweep_specs
+from lightning_dpmot.data import DigitsDataModule
+from lightning_dpmot.metrics import frechet_distance
+from lightning_dpmot.metrics.extractors import build_feature_extractor
+from lightning_dpmot.metrics.frechet import feature_statistics
+
+
+def test_sweep_specs_skip_even_nfe_for_heun() -> None:
+    with pytest.warns(UserWarning, match="skipping heun at NFE 4"):
+        specs = sweep_specs(["heun", "euler"], [3, 4], [7.0, 90.0])
+    assert [(s.name, s.nfe, s.rho) for s in specs] == [
+        ("heun", 3, 7.0),
+        ("heun", 3, 90.0),
+        ("euler", 3, 7.0),
+        ("euler", 4, 7.0),
+        ("euler", 3, 90.0),
+        ("euler", 4, 90.0),
+    ]
+
+
+def test_sweep_writes_table_plot_and_curvature(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    sweep = NFESweep(
+        samplers=["heun", "euler"],
+        nfe=[3, 5],
+        num_samples=48,
+        seed_ranges=2,
+        batch_size=24,
+        curvature_samples=4,
+        curvature_steps=6,
+        output_dir=str(out),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    model, dm = tiny_edm(class_conditional=True), DigitsDataModule(batch_size=64)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_test_batches=1,
+        callbacks=[sweep],
+        default_root_dir=tmp_path,
+    )
+    trainer.test(model, dm, verbose=False)
+    rows = list(csv.DictReader(open(out / "fid_vs_nfe.csv")))
+    assert [(r["sampler"], int(r["nfe"])) for r in rows] == [("heun", 3), ("heun", 5), ("euler", 3), ("euler", 5)]
+    for r in rows:
+        assert float(r["fid"]) <= float(r["fid_mean"]) and float(r["fid_std"]) >= 0
+        assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
+        assert 0 <= float(r["mmr@0.1"]) <= 1 and float(r["mmr@0.4"]) <= float(r["mmr@0.1"])
+        assert r["seeds"] == "0-95"
+    assert (out / "fid_vs_nfe.png").stat().st_size > 1000
+    curv = json.loads((out / "curvature.json").read_text())
+    assert curv["curvature"] > 0 and curv["num_samples"] == 4
+    # the first seed range of heun@3 by hand: seeds 0..47, labels seed % 10, train-split reference statistics
+    feature = build_feature_extractor("classifier", (1, 8, 8), dm.dataset("train"), tmp_path / "cache")
+    x_train = torch.stack([dm.dataset("train")[i]["x"] for i in range(len(dm.dataset("train")))])
+    mu_r, s_r = feature_statistics(feature((x_train + 1) / 2))
+    seeds = torch.arange(48)
+    x = model.generate(seeds, seeds % 10, sweep.specs[0]).x
+    mu_f, s_f = feature_statistics(feature((x + 1) / 2))
+    first_range = frechet_distance(mu_r, s_r, mu_f, s_f)
+    assert first_range >= float(rows[0]["fid"]) - 1e-3 * first_range  # min over ranges <= this range
+    assert trainer.callback_metrics["test/fid_heun-karras-rho7@nfe=3"].item() == pytest.approx(float(rows[0]["fid"]))
+    with pytest.raises(FileExistsError, match="exists"):
+        trainer.test(model, dm, verbose=False)

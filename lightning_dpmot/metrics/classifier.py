@@ -300,7 +300,8 @@ class ClassifierFeatures(nn.Module):
 def train_classifier(model: ClassifierFeatures, net_input: Tensor, labels: Tensor, hparams: dict[str, Any]) -> None:
     """Cross-entropy on network-scale inputs (N, ...): seeded minibatch order, cosine-decayed AdamW.
 
-    Works under inference mode / no_grad as well. Runs single-threaded: the ops are too small to gain from intra-op parallelism (on a loaded machine extra
+    Works under inference mode / no_grad as well. Runs single-threaded: the ops are too small to gain from
+    intra-op parallelism (on a loaded machine extra
     threads make it several times slower), and the weights then do not depend on the machine's thread count.
     """
     num_threads = torch.get_num_threads()

@@ -24,14 +24,16 @@ class SampleWriter(BasePredictionWriter):
     int64 and ``nfe``. 2-D data gets ``scatter.png`` instead of per-sample PNGs.
 
     Args:
-        output_dir: where to write; must be empty or absent unless ``overwrite`` is set.
+        output_dir: where to write (default: ``<log_dir>/predictions``, a fresh logger version per run); must be
+            empty or absent unless ``overwrite`` is set.
         overwrite: allow writing into a non-empty directory.
         save_png: write one PNG per image sample.
     """
 
-    def __init__(self, output_dir: str = "samples", overwrite: bool = False, save_png: bool = True) -> None:
+    def __init__(self, output_dir: str | None = None, overwrite: bool = False, save_png: bool = True) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.requested_dir = output_dir
+        self.output_dir = Path(output_dir or "predictions")
         self.overwrite = overwrite
         self.save_png = save_png
         self._parts: list[dict[str, torch.Tensor]] = []
@@ -40,6 +42,8 @@ class SampleWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        if self.requested_dir is None:
+            self.output_dir = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"  # collective
         if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
             raise FileExistsError(
                 f"SampleWriter: output_dir {str(self.output_dir)!r} is not empty; choose another directory or set "

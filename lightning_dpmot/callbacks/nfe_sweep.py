@@ -7,8 +7,8 @@ Protocol (EDM's, where it applies): every setting uses the same seeds; ``seed_ra
 disjoint seed ranges [r * num_samples, (r + 1) * num_samples) and reports the minimum (EDM's paper numbers), the
 mean and the standard deviation; statistics of the real data are those of the training split. Alongside FID:
 improved precision/recall (k-NN manifolds, first seed range), the mode-mixture rate when the features come from a
-classifier, seconds per sample, and — once per checkpoint — the straightness of the ODE trajectories on a fine
-Heun grid (see :mod:`lightning_dpmot.metrics.curvature`).
+classifier, the copy rate against the training images, seconds per sample, and — once per checkpoint — the
+straightness of the ODE trajectories on a fine Heun grid (see :mod:`lightning_dpmot.metrics.curvature`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_dpmot.callbacks.reference import prepare_reference
+from lightning_dpmot.metrics.copy_rate import copy_rate, self_nearest_distance
 from lightning_dpmot.metrics.curvature import TrajectoryRecorder, mean_trajectory_metrics
 from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind
 from lightning_dpmot.metrics.mode_mixture import mode_mixture_rate
@@ -76,6 +77,8 @@ class NFESweep(L.Callback):
         precision_recall: compute k-NN precision/recall (k = pr_k) against the stored real-feature subset.
         pr_k: k of the k-NN manifolds.
         mode_mixture_taus: thresholds of the mode-mixture rate (needs classifier features).
+        copy_threshold: report the copy rate (pixel-space nearest training image closer than this fraction of
+            that image's own nearest-neighbour distance; first seed range) and the median ratio; 0 disables.
         curvature_samples: samples whose ODE trajectories are measured (0 disables).
         curvature_steps: Heun steps of the fine reference grid used for the trajectories.
         batch_size: generation batch size per rank.
@@ -97,6 +100,7 @@ class NFESweep(L.Callback):
         precision_recall: bool = True,
         pr_k: int = 3,
         mode_mixture_taus: list[float] | None = None,
+        copy_threshold: float = 1.0 / 3.0,
         curvature_samples: int = 64,
         curvature_steps: int = 64,
         batch_size: int = 256,
@@ -114,6 +118,9 @@ class NFESweep(L.Callback):
         self.feature_kind, self.real_split, self.batch_size = feature, real_split, batch_size
         self.do_pr, self.pr_k = precision_recall, pr_k
         self.taus = mode_mixture_taus or [0.1, 0.2, 0.3, 0.4]
+        self.copy_threshold = copy_threshold
+        self._train_images: Tensor | None = None
+        self._train_nn: Tensor | None = None
         self.curvature_samples, self.curvature_steps = curvature_samples, curvature_steps
         self.output_dir, self.cache_dir, self.inception_weights = output_dir, cache_dir, inception_weights
         self.rows: list[dict[str, Any]] = []
@@ -163,11 +170,11 @@ class NFESweep(L.Callback):
         feature: nn.Module,
         stats: ReferenceStats,
     ) -> dict[str, Any]:
-        values, first_features, first_probs, seconds = [], None, None, 0.0
+        values, first_features, first_probs, first_images, seconds = [], None, None, None, 0.0
         for r in range(self.seed_ranges):
             fid.reset()
             seeds = rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size, r * self.num_samples)
-            feats, probs = [], []
+            feats, probs, pixels = [], [], []
             for chunk in seeds.split(self.batch_size):
                 labels = chunk % pl_module.num_classes if pl_module.class_conditional else None
                 start = time.perf_counter()
@@ -177,12 +184,15 @@ class NFESweep(L.Callback):
                 fid.update(images, real=False)
                 if r == 0:
                     feats.append(feature(images).float())
+                    if self.copy_threshold > 0:
+                        pixels.append(sample.x.float())
                     if hasattr(feature, "predict_proba"):
                         probs.append(feature.predict_proba(images).float())
             values.append(float(fid.compute()))
             if r == 0:
                 first_features = gather_rows(trainer, torch.cat(feats))
                 first_probs = gather_rows(trainer, torch.cat(probs)) if probs else None
+                first_images = gather_rows(trainer, torch.cat(pixels)) if pixels else None
         row: dict[str, Any] = {
             "sampler": spec.name,
             "rho": spec.rho,
@@ -202,7 +212,19 @@ class NFESweep(L.Callback):
             row.update(precision=pr.precision, recall=pr.recall)
         if trainer.is_global_zero and first_probs is not None:
             row.update({f"mmr@{tau:g}": v for tau, v in mode_mixture_rate(first_probs, self.taus).items()})
+        if trainer.is_global_zero and first_images is not None:
+            train, train_nn = self.train_images(trainer, first_images.device)
+            report = copy_rate(first_images, train, self.copy_threshold, train_nn_dist=train_nn)
+            row.update(copy_rate=report.rate, copy_ratio_median=report.quantiles.get(0.5, float("nan")))
         return row
+
+    def train_images(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The training split's images and their nearest-neighbour distances (computed once)."""
+        if self._train_images is None:
+            loader = torch.utils.data.DataLoader(trainer.datamodule.dataset("train"), batch_size=1024)
+            self._train_images = torch.cat([b["x"] for b in loader]).float().to(device)
+            self._train_nn = self_nearest_distance(self._train_images)
+        return self._train_images, self._train_nn
 
     def measure_curvature(self, pl_module: L.LightningModule) -> dict[str, float]:
         """Straightness of Heun trajectories on a fine rho = 7 grid (rank 0, no collectives)."""

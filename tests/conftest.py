@@ -17,8 +17,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_fake_cifar10(root: Path, per_batch: int = 8, test_size: int = 8, seed: int = 0) -> Path:
-    """Write the six CIFAR-10 python pickle batches with random pixels into ``root/cifar-10-batches-py``."""
+def write_fake_cifar10(root: Path, per_batch: int = 420, test_size: int = 8, seed: int = 0) -> Path:
+    """Write the six CIFAR-10 python pickle batches with random pixels into ``root/cifar-10-batches-py``
+    (5 x 420 training images: enough for the AOT configs' pools of 2048)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)

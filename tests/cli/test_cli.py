@@ -14,7 +14,11 @@ from lightning_dpmot.cli import main
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml"))
 # partial configs, composed over a full one, and the subcommand they are for
-FRAGMENTS = {"loggers/wandb.yaml": ("quickstart.yaml", "fit"), "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test")}
+FRAGMENTS = {
+    "loggers/wandb.yaml": ("quickstart.yaml", "fit"),
+    "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test"),
+    "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
+}
 TINY_UNET = [
     "--model.init_args.net.init_args.model_channels=8",
     "--model.init_args.net.init_args.num_blocks=1",

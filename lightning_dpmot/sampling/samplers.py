@@ -54,6 +54,12 @@ def _check_sigmas(sigmas: Tensor) -> None:
         raise ValueError("sigmas must be non-increasing and end with 0")
 
 
+def _setup(denoiser: Denoiser, x: Tensor, sigmas: Tensor) -> tuple[CountingDenoiser, Tensor, Tensor]:
+    """Check the schedule; count NFE; keep the ODE state and the levels in float64 on x's device."""
+    _check_sigmas(sigmas)
+    return CountingDenoiser(denoiser), x.to(torch.float64), sigmas.to(device=x.device, dtype=torch.float64)
+
+
 def _denoise(D: CountingDenoiser, x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
     return D(x, sigma.to(x.dtype).expand(x.shape[0]), class_labels).to(x.dtype)
 
@@ -79,10 +85,7 @@ def sample_euler(
 
     For a VP epsilon model on its discrete timesteps this is exactly DDIM with eta = 0.
     """
-    _check_sigmas(sigmas)
-    D = CountingDenoiser(denoiser)
-    sigmas = sigmas.to(device=x.device, dtype=torch.float64)
-    x = x.to(torch.float64)
+    D, x, sigmas = _setup(denoiser, x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = _denoise(D, x, sigma, class_labels)
@@ -116,10 +119,7 @@ def sample_heun(
     callback: StepCallback | None = None,
 ) -> SampleResult:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1). NFE = 2N - 1."""
-    _check_sigmas(sigmas)
-    D = CountingDenoiser(denoiser)
-    sigmas = sigmas.to(device=x.device, dtype=torch.float64)
-    x = x.to(torch.float64)
+    D, x, sigmas = _setup(denoiser, x, sigmas)
     for i in range(len(sigmas) - 1):
         x, denoised = _heun_step(D, x, sigmas[i], sigmas[i + 1], class_labels)
         _emit(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
@@ -144,10 +144,7 @@ def sample_heun_stochastic(
     sigma_hat = sigma (1 + gamma) with gamma = min(S_churn / N, sqrt(2) - 1) when S_min <= sigma <= S_max, adding
     fresh noise of std sqrt(sigma_hat^2 - sigma^2) * S_noise. NFE = 2N - 1. S_churn = 0 reproduces Algorithm 1.
     """
-    _check_sigmas(sigmas)
-    D = CountingDenoiser(denoiser)
-    sigmas = sigmas.to(device=x.device, dtype=torch.float64)
-    x = x.to(torch.float64)
+    D, x, sigmas = _setup(denoiser, x, sigmas)
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -186,10 +183,7 @@ def sample_euler_ancestral(
     eta = 0 is deterministic DDIM (= Euler); eta = 1 on all T discrete steps of a VP model is DDPM's ancestral
     sampler.
     """
-    _check_sigmas(sigmas)
-    D = CountingDenoiser(denoiser)
-    sigmas = sigmas.to(device=x.device, dtype=torch.float64)
-    x = x.to(torch.float64)
+    D, x, sigmas = _setup(denoiser, x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = _denoise(D, x, sigma, class_labels)

@@ -1,6 +1,6 @@
 """``python -m lightning_dpmot fit --config ...`` (same as the ``dpmot`` console script)."""
 
-from lightning_dpmot.cli import main
+from lightning_dpmot.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -42,7 +42,7 @@ class DPMOTCLI(LightningCLI):
 
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DPMOTCLI:
-    """Entry point of the ``dpmot`` console script (``args`` for programmatic use, e.g. tests)."""
+    """Run the CLI (``args`` for programmatic use, e.g. tests) and return it."""
     try:
         cli = DPMOTCLI(
             L.LightningModule,
@@ -66,5 +66,10 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
     return cli
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``dpmot`` console script: exit status 0 on success (``main``'s return value is for Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

@@ -13,6 +13,9 @@ Sampling goes through the shared sigma-space samplers via :class:`~lightning_dpm
 - any other sampler on the "karras" schedule, clipped to the model's discrete range [sigma_0, sigma_{T-1}];
 - the DPM-OT expressway: ``sigma_max`` in the spec starts the reverse process at an intermediate level.
 
+Generation starts, as for EDM, from sigma_max * n in sigma space, i.e. x_{T-1} = sigma / sqrt(1 + sigma^2) * n in
+VP coordinates instead of DDPM's n: a variance difference of 1 / (1 + sigma_max^2) (4e-5 for the linear schedule).
+
 The schedule's buffers (``alphas_cumprod``, ``sigmas``, ``log_sigmas``) are non-persistent: they never enter a
 checkpoint and are rebuilt from the hyperparameters ``beta_schedule`` and ``T``. Two consequences:
 
@@ -143,25 +146,30 @@ class DPMModule(DiffusionModule):
         """
         sched = self.schedule
         if spec.schedule == "timesteps":
-            if spec.sigma_min is not None:
-                raise ValueError("schedule='timesteps' always ends at timestep 0; sigma_min is not supported")
-            available = self.T
-            if spec.sigma_max is not None:
-                available = int((sched.sigmas <= spec.sigma_max * (1 + 1e-6)).sum())
-                if available == 0:
-                    raise ValueError(
-                        f"sigma_max={spec.sigma_max} is below the model's smallest level sigma_min={sched.sigma_min:.6g}"
-                    )
-            if spec.num_steps > available:
-                raise ValueError(
-                    f"num_steps={spec.num_steps} exceeds the {available} discrete timesteps at or below the start level"
-                )
-            return sched.timestep_sigmas(spec.num_steps, sigma_max=spec.sigma_max).double()
+            return self._timestep_sigmas(spec)
         if spec.schedule == "karras":
             lo = max(spec.sigma_min if spec.sigma_min is not None else sched.sigma_min, sched.sigma_min)
             hi = min(spec.sigma_max if spec.sigma_max is not None else sched.sigma_max, sched.sigma_max)
             return karras_sigmas(spec.num_steps, lo, hi, spec.rho)
         raise ValueError(f"DPMModule samples on 'timesteps' or 'karras'; got schedule={spec.schedule!r}")
+
+    def _timestep_sigmas(self, spec: SamplerSpec) -> Tensor:
+        """The "timesteps" schedule (N + 1,) float64, with one clear error for every impossible request."""
+        sched = self.schedule
+        if spec.sigma_min is not None:
+            raise ValueError("schedule='timesteps' always ends at timestep 0; sigma_min is not supported")
+        available = self.T
+        if spec.sigma_max is not None:
+            available = int((sched.sigmas <= spec.sigma_max * (1 + 1e-6)).sum())  # VPSchedule's start criterion
+            if available == 0:
+                raise ValueError(
+                    f"sigma_max={spec.sigma_max} is below the model's smallest level sigma_min={sched.sigma_min:.6g}"
+                )
+        if spec.num_steps > available:
+            raise ValueError(
+                f"num_steps={spec.num_steps} exceeds the {available} discrete timesteps at or below the start level"
+            )
+        return sched.timestep_sigmas(spec.num_steps, sigma_max=spec.sigma_max).double()
 
     def ddpm_spec(self) -> SamplerSpec:
         """DDPM's ancestral sampler: eta = 1 on all T discrete steps (NFE = T)."""

@@ -246,7 +246,7 @@ class SemiDiscreteOTModule(L.LightningModule):
             raise ValueError(f"targets have shape {targets.data_shape} but the data shape is {self.data_shape}")
         self.attach(targets)
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective for some loggers
-        self.targets_path = log_dir / TARGETS_FILENAME
+        self.targets_path = (log_dir / TARGETS_FILENAME).resolve()
         if self.trainer.is_global_zero and stage == "fit":
             existing_ok = self.targets_path.is_file() and _stored_fingerprint(self.targets_path) == self.fingerprint
             if not existing_ok:
@@ -292,13 +292,13 @@ class SemiDiscreteOTModule(L.LightningModule):
             if self.converged and self.hparams.stop_when_converged:
                 self.trainer.should_stop = True
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out diagnostics of the current h (collective under DDP); logged as ``ot_eval/*``."""
+    def evaluate(self, log: bool = True) -> dict[str, float]:
+        """Held-out diagnostics of the current h (collective under DDP); logged as ``ot_eval/*`` if ``log``."""
         solver = self._solver()
         with exact_fp32(solver.targets.device):
             evaluation = _plain_floats(solver.evaluate(self.hparams.eval_num_samples))
         self.last_evaluation, self.evaluated_at = evaluation, int(solver.iteration)
-        if self._trainer is not None and self.trainer.training:
+        if log:
             for key in (*_STEP_LOGS, "num_samples"):
                 self.log(f"ot_eval/{key}", evaluation[key], batch_size=1)
         return evaluation
@@ -307,7 +307,7 @@ class SemiDiscreteOTModule(L.LightningModule):
     def on_train_end(self) -> None:
         solver = self._solver()
         if self.evaluated_at != int(solver.iteration):
-            self.evaluate()
+            self.evaluate(log=False)  # Lightning allows no logging in on_train_end
             self.converged = solver.is_converged(self.last_evaluation)
         if self.trainer.is_global_zero and self.targets_path is not None:
             summary = {
@@ -330,7 +330,7 @@ class SemiDiscreteOTModule(L.LightningModule):
         assert targets is not None
         checkpoint[CHECKPOINT_KEY] = {
             "targets_sha256": self.fingerprint,
-            "targets_file": None if self.targets_path is None else str(self.targets_path.resolve()),
+            "targets_file": None if self.targets_path is None else str(self.targets_path),
             "sigma_s": targets.sigma_s,
             "data_shape": list(targets.data_shape),
             "num_targets": targets.num_targets,
@@ -346,7 +346,12 @@ class SemiDiscreteOTModule(L.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("not a SemiDiscreteOTModule checkpoint: it has no 'dpm_ot' entry")
-        solver = self._solver()
+        if self.solver is None:
+            raise ValueError(
+                "a SemiDiscreteOTModule checkpoint holds no targets and cannot be loaded on its own: resume it with "
+                "`dpmot fit --ckpt_path` or read it with lightning_dpmot.models.semidiscrete.load_ot_checkpoint"
+            )
+        solver = self.solver
         if meta["targets_sha256"] != self.fingerprint:
             raise ValueError(
                 f"the targets built now (sha256 {self.fingerprint[:16]}...) differ from those the checkpoint was "

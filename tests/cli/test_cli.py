@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -19,6 +20,8 @@ FRAGMENTS = {
     "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test"),
     "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
 }
+# configs run by another subcommand than fit, and what builds their inputs (checkpoints) in tmp_path
+SUBCOMMANDS = {"dpm_ot/digits_sample.yaml": "predict"}
 TINY_UNET = [
     "--model.init_args.net.init_args.model_channels=8",
     "--model.init_args.net.init_args.num_blocks=1",
@@ -34,7 +37,49 @@ def config_args(name: str) -> list[str]:
 
 
 def subcommand(name: str) -> str:
-    return FRAGMENTS[name][1] if name in FRAGMENTS else "fit"
+    return FRAGMENTS[name][1] if name in FRAGMENTS else SUBCOMMANDS.get(name, "fit")
+
+
+def dpm_ot_checkpoints(root: Path) -> list[str]:
+    """Overrides pointing digits_sample.yaml at a 2-step tiny EDM and a 2-step potential, both made by dpmot fit."""
+    edm = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "logger": False,
+            "default_root_dir": str(root / "edm"),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(root / "edm"), "save_last": True, "save_top_k": 0},
+                }
+            ],
+        },
+        "model": {
+            "class_path": "lightning_dpmot.models.EDMModule",
+            "init_args": {
+                "net": {
+                    "class_path": "lightning_dpmot.nets.DDPMppUNet",
+                    "init_args": {"model_channels": 8, "channel_mult": [1, 1], "num_blocks": 1, "attn_resolutions": []},
+                }
+            },
+        },
+        "data": {"class_path": "lightning_dpmot.data.DigitsDataModule", "init_args": {"batch_size": 16}},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "edm.yaml").write_text(yaml.safe_dump(edm))
+    main(["fit", "--config", str(root / "edm.yaml")])
+    ot_args = ["--model.init_args.max_targets=32", "--trainer.max_steps=2", "--trainer.logger=false"]
+    main(["fit", *config_args("dpm_ot/digits_fit.yaml"), *ot_args, f"--trainer.default_root_dir={root / 'ot'}"])
+    return [
+        f"--model.init_args.diffusion_ckpt={root / 'edm' / 'last.ckpt'}",
+        f"--model.init_args.ot_ckpt={root / 'ot' / 'checkpoints' / 'last.ckpt'}",
+    ]
+
+
+INPUTS = {"dpm_ot/digits_sample.yaml": dpm_ot_checkpoints}
 
 
 def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
@@ -48,6 +93,8 @@ def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
             "--data.init_args.batch_size=4",
             "--data.init_args.num_workers=0",
         ]
+    if name.startswith("dpm_ot/") and name.endswith("_fit.yaml"):
+        args += ["--model.init_args.max_targets=64"]  # the OT step costs N x M x d; the fake CIFAR has 2,100 images
     net_cls = cfg.get("model", {}).get("init_args", {}).get("net", {}).get("class_path", "")
     if net_cls.endswith("DDPMppUNet") and "cifar" in name:
         args += TINY_UNET
@@ -71,11 +118,13 @@ def test_print_config(name: str, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    inputs = INPUTS[name](tmp_path / "inputs") if name in INPUTS else []
     cli = main(
         [
             subcommand(name),
             *config_args(name),
             *fast_overrides(name, tmp_path, fake_cifar10),
+            *inputs,
             "--trainer.fast_dev_run=1",
             f"--trainer.default_root_dir={tmp_path}",
         ]
@@ -83,6 +132,9 @@ def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch
     if subcommand(name) == "fit":
         assert cli.trainer.global_step == 1
         assert cli.trainer.callback_metrics["train/loss"].isfinite()
+    elif subcommand(name) == "predict":
+        written = [p for p in tmp_path.rglob("samples.npz") if "inputs" not in p.parts]
+        assert len(written) == 1 and len(np.load(written[0])["x"]) > 0
     else:
         assert cli.trainer.callback_metrics["test/loss"].isfinite()
 
@@ -126,3 +178,12 @@ def test_console_script_and_module_entry_point() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "fit" in out.stdout and "predict" in out.stdout
+
+
+def test_console_script_exit_status(tmp_path: Path) -> None:
+    """A successful `dpmot fit` exits 0 (shell scripts chain on it); a bad key exits 2 with one error message."""
+    base = ["dpmot", "fit", "--config", str(REPO / "configs/quickstart.yaml"), "--trainer.enable_progress_bar=false"]
+    ok = subprocess.run([*base, "--trainer.fast_dev_run=1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = subprocess.run([*base, "--trainer.max_stepz=1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "max_stepz" in bad.stderr

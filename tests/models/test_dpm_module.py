@@ -1,4 +1,4 @@
-"""DPMModule: L_simple by hand, the noise hook, labels, sigma schedules, DDIM/DDPM with an oracle, training, checkpoints."""
+"""DPMModule: L_simple by hand, noise hook, labels, sigma schedules, DDIM/DDPM with an oracle, training, checkpoints."""
 
 from __future__ import annotations
 

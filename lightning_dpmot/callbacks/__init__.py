@@ -1,4 +1,4 @@
-"""Lightning callbacks: EMA, OT noise-data coupling, sample grids, FID during training and per NFE, prediction writer."""
+"""Lightning callbacks: EMA, OT noise-data coupling, sample grids, FID (in training, per NFE), predictions."""
 
 from lightning_dpmot.callbacks.ema import EMAHalfLife, ema_beta
 from lightning_dpmot.callbacks.fid import FIDCallback

@@ -1,6 +1,18 @@
 """LightningModules (training and sampling logic only; networks live in :mod:`lightning_dpmot.nets`)."""
 
 from lightning_dpmot.models.base import DiffusionModule, NetFactory
+from lightning_dpmot.models.dpm import DPMModule
+from lightning_dpmot.models.dpm_ot import DPMOTModule, load_diffusion_module
 from lightning_dpmot.models.edm import EDMModule
+from lightning_dpmot.models.semidiscrete import SemiDiscreteOTModule, load_ot_checkpoint
 
-__all__ = ["DiffusionModule", "EDMModule", "NetFactory"]
+__all__ = [
+    "DPMModule",
+    "DPMOTModule",
+    "DiffusionModule",
+    "EDMModule",
+    "NetFactory",
+    "SemiDiscreteOTModule",
+    "load_diffusion_module",
+    "load_ot_checkpoint",
+]

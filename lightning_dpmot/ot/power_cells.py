@@ -18,8 +18,10 @@ global settings.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -121,6 +123,19 @@ def _merge_max(best: tuple[Tensor, Tensor] | None, val: Tensor, idx: Tensor) -> 
     return torch.where(better, val, best_val), torch.where(better, idx, best_idx)
 
 
+def _fp32_gemms(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn(x, ...)`` with autocast disabled on x's device: the cell-deciding score differences are O(1)
+    against scores of O(||x|| ||y||), which bf16/fp16 (and TF32) GEMMs would mis-rank (dpm-ot.md 6.3)."""
+
+    @functools.wraps(fn)
+    def wrapper(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
+@_fp32_gemms
 def power_argmax(
     x: Tensor,
     targets: Tensor,
@@ -166,6 +181,7 @@ def power_argmax(
     return torch.cat([best[0], best_neg[0]]), torch.cat([best[1], best_neg[1]])
 
 
+@_fp32_gemms
 def power_topk(x: Tensor, targets: Tensor, h: Tensor, k: int, target_chunk_size: int) -> tuple[Tensor, Tensor]:
     """The k best scores and their cell indices per point, blocked over targets.
 

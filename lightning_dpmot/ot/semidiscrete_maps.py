@@ -161,7 +161,7 @@ class RenoiseMap(SemiDiscreteMap):
         return MapResult(self.clean[index] + self.sigma_s * fresh, index)
 
 
-class _TopKMixin(SemiDiscreteMap):
+class _TopKMap(SemiDiscreteMap):
     """Shared pieces of the interpolating maps: top-k scores and the optional noise top-up."""
 
     def __init__(self, solver: SemiDiscreteOT, k: int, restore_noise: bool, sigma_s: float | None) -> None:
@@ -181,7 +181,7 @@ class _TopKMixin(SemiDiscreteMap):
         return latents + scale * _fresh_noise(tuple(latents.shape), generator, latents.device)
 
 
-class SoftMap(_TopKMixin):
+class SoftMap(_TopKMap):
     """T(x) = sum_j w_j y_{i_j} with w = softmax(s_{i_j}(x) / T) over the k best cells (a barycentric map).
 
     As T -> 0 it becomes the hard map; for T > 0 it lies in the convex hull of the top-k latents. T is in score
@@ -225,7 +225,7 @@ class SoftMap(_TopKMixin):
         return MapResult(self._top_up(latents, w, generator), idx[:, 0])
 
 
-class AEOTMap(_TopKMixin):
+class AEOTMap(_TopKMap):
     """AE-OT's piecewise-linear extension (An et al. 2020; pyOMT ``demo2.py::gen_P``), one output per sample.
 
     For the k best cells i_1 (best) .. i_k of x, the angle between the facet normals n_i = (y_i, -1) / ||(y_i, -1)||

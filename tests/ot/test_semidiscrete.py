@@ -352,3 +352,17 @@ def test_bad_settings_are_rejected() -> None:
     assert floor == pytest.approx(math.sqrt(2 * math.log(8)) * math.sqrt(0.75 / 1000), rel=1e-9)
     with pytest.raises(ValueError, match="below the Monte Carlo noise floor"):
         solver.fit(10, tol=0.5 * floor, progress=False)
+
+
+def test_cell_search_ignores_autocast() -> None:
+    """Under bf16 autocast the scores stay fp32 and the cells equal the fp32 argmax (bf16 GEMMs would mis-rank)."""
+    from lightning_dpmot.ot.power_cells import power_argmax, power_topk
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 32, generator=gen), torch.randn(50, 32, generator=gen) * 30
+    h = torch.randn(50, generator=gen)
+    exact = (x @ y.T + h).argmax(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, idx = power_argmax(x, y, h, target_chunk_size=16)
+        _, top = power_topk(x, y, h, k=3, target_chunk_size=16)
+    assert values.dtype == torch.float32 and torch.equal(idx, exact) and torch.equal(top[:, 0], exact)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_dpmot.utils.images import save_png, save_scatter, to_uint8
@@ -21,7 +22,9 @@ class SampleWriter(BasePredictionWriter):
     Every rank writes ``<output_dir>/<seed:06d>.png`` for its images as they come; at the end rank 0 merges all
     ranks' samples (sorted by seed, DDP padding duplicates removed) into ``<output_dir>/samples.npz`` with
     ``x`` (N, *S) float32 in [-1, 1], ``images`` (N, H, W, C) uint8 (images only), ``seeds`` and ``labels`` (N,)
-    int64 and ``nfe``. 2-D data gets ``scatter.png`` instead of per-sample PNGs.
+    int64, ``nfe``, and any further tensors the model's ``predict_step`` returns (per sample when they have one
+    row per sample, e.g. DPM-OT's ``target_index``/``target_id``; else one value per batch). 2-D data gets
+    ``scatter.png`` instead of per-sample PNGs.
 
     Args:
         output_dir: where to write (default: ``<log_dir>/predictions``, a fresh logger version per run); must be
@@ -69,7 +72,12 @@ class SampleWriter(BasePredictionWriter):
         if self.save_png and x.ndim == 4:
             for img, seed in zip(x, seeds.tolist()):
                 save_png(img, self.output_dir / f"{seed:06d}.png")
-        self._parts.append({"x": x, "seeds": seeds, "labels": labels, "nfe": prediction["nfe"].reshape(1).cpu()})
+        part = {"x": x, "seeds": seeds, "labels": labels, "nfe": prediction["nfe"].reshape(1).cpu()}
+        for key, value in prediction.items():  # further per-sample entries, e.g. DPM-OT's target_index
+            if key not in ("x", "seed", "label", "nfe") and isinstance(value, Tensor):
+                value = value.detach().cpu()
+                part[key] = value if value.ndim and len(value) == len(seeds) else value.reshape(1)
+        self._parts.append(part)
 
     @override
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -95,6 +103,10 @@ class SampleWriter(BasePredictionWriter):
             "labels": merged["labels"][torch.from_numpy(first)].numpy(),
             "nfe": merged["nfe"].max().numpy(),
         }
+        per_sample = len(merged["seeds"])
+        for key, value in merged.items():
+            if key not in arrays and key != "x":
+                arrays[key] = (value[torch.from_numpy(first)] if len(value) == per_sample else value).numpy()
         if x.ndim == 4:
             arrays["images"] = rearrange(to_uint8(x), "n c h w -> n h w c").numpy()
         else:

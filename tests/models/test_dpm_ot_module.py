@@ -171,6 +171,8 @@ def test_predict_writes_samples_with_the_labels_used(ckpts: dict[str, Path], tmp
     assert data["x"].shape == (6, 1, 8, 8) and int(data["nfe"]) == 2
     assert np.allclose(data["x"], expected.x.numpy(), atol=1e-5)
     assert data["labels"].tolist() == expected.labels.tolist()
+    assert data["target_index"].tolist() == expected.index.tolist()  # leakage analysis can name the cell
+    assert data["target_id"].shape == (6,) and data["map_seconds"].shape == (2,)  # one timing per batch
     assert len(list((tmp_path / "samples").glob("*.png"))) == 6
 
 

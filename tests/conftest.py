@@ -55,3 +55,46 @@ def tiny_edm(data_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, **k
 
     kwargs.setdefault("net", tiny_unet())
     return EDMModule(data_shape=data_shape, num_classes=num_classes, **kwargs)
+
+
+def tiny_edm_checkpoint(root: Path, class_conditional: bool = False) -> Path:
+    """A tiny EDM on digits trained 2 steps through ``dpmot fit`` (so its hparams carry the class_path);
+    returns ``root/last.ckpt``."""
+    import yaml
+
+    from lightning_dpmot.cli import main
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(root), "save_last": True, "save_top_k": 0},
+                }
+            ],
+        },
+        "model": {
+            "class_path": "lightning_dpmot.models.EDMModule",
+            "init_args": {
+                "class_conditional": class_conditional,
+                "net": {
+                    "class_path": "lightning_dpmot.nets.DDPMppUNet",
+                    "init_args": {"model_channels": 8, "channel_mult": [1, 1], "num_blocks": 1, "attn_resolutions": []},
+                },
+            },
+        },
+        "data": {"class_path": "lightning_dpmot.data.DigitsDataModule", "init_args": {"batch_size": 16}},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "edm.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(root / "edm.yaml")])
+    return root / "last.ckpt"

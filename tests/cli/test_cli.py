@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_edm_checkpoint
 
 from lightning_dpmot.cli import main
 
@@ -42,35 +43,7 @@ def subcommand(name: str) -> str:
 
 def dpm_ot_checkpoints(root: Path) -> list[str]:
     """Overrides pointing digits_sample.yaml at a 2-step tiny EDM and a 2-step potential, both made by dpmot fit."""
-    edm = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 2,
-            "limit_val_batches": 0,
-            "logger": False,
-            "default_root_dir": str(root / "edm"),
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(root / "edm"), "save_last": True, "save_top_k": 0},
-                }
-            ],
-        },
-        "model": {
-            "class_path": "lightning_dpmot.models.EDMModule",
-            "init_args": {
-                "net": {
-                    "class_path": "lightning_dpmot.nets.DDPMppUNet",
-                    "init_args": {"model_channels": 8, "channel_mult": [1, 1], "num_blocks": 1, "attn_resolutions": []},
-                }
-            },
-        },
-        "data": {"class_path": "lightning_dpmot.data.DigitsDataModule", "init_args": {"batch_size": 16}},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "edm.yaml").write_text(yaml.safe_dump(edm))
-    main(["fit", "--config", str(root / "edm.yaml")])
+    tiny_edm_checkpoint(root / "edm")
     ot_args = ["--model.init_args.max_targets=32", "--trainer.max_steps=2", "--trainer.logger=false"]
     main(["fit", *config_args("dpm_ot/digits_fit.yaml"), *ot_args, f"--trainer.default_root_dir={root / 'ot'}"])
     return [

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import tiny_edm_checkpoint
 
 from lightning_dpmot.callbacks import SampleWriter
 from lightning_dpmot.cli import main
@@ -33,41 +33,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def edm_checkpoint(root: Path) -> Path:
-    """A class-conditional tiny EDM trained 2 steps through ``dpmot fit`` (so its hparams carry the class_path)."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 2,
-            "limit_val_batches": 0,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(root),
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(root), "save_last": True, "save_top_k": 0},
-                }
-            ],
-        },
-        "model": {
-            "class_path": "lightning_dpmot.models.EDMModule",
-            "init_args": {
-                "class_conditional": True,
-                "net": {
-                    "class_path": "lightning_dpmot.nets.DDPMppUNet",
-                    "init_args": {"model_channels": 8, "channel_mult": [1, 1], "num_blocks": 1, "attn_resolutions": []},
-                },
-            },
-        },
-        "data": {"class_path": "lightning_dpmot.data.DigitsDataModule", "init_args": {"batch_size": 16}},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "edm.yaml").write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(root / "edm.yaml")])
-    return root / "last.ckpt"
+    """A class-conditional tiny EDM trained 2 steps through ``dpmot fit``."""
+    return tiny_edm_checkpoint(root, class_conditional=True)
 
 
 def ot_checkpoint(root: Path, sigma_s: float, steps: int = 4, *extra: str) -> Path:

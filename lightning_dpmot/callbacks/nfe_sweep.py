@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -50,14 +50,19 @@ def gather_rows(trainer: L.Trainer, rows: Tensor) -> Tensor:
     return torch.cat([gathered[r, : int(counts[r])] for r in range(trainer.world_size)])
 
 
-def sweep_specs(samplers: Sequence[str], nfes: Sequence[int], rhos: Sequence[float]) -> list[SamplerSpec]:
-    """Every valid (sampler, rho, NFE) combination (2nd-order samplers need an odd NFE; others are skipped)."""
+def sweep_specs(
+    samplers: Sequence[str], nfes: Sequence[int], rhos: Sequence[float], schedule: str = "karras"
+) -> list[SamplerSpec]:
+    """Every valid (sampler, rho, NFE) combination (2nd-order samplers need an odd NFE; others are skipped).
+
+    With ``schedule="timesteps"`` (a discrete model's own DDIM-spaced levels) rho plays no role: one rho is used.
+    """
     specs = []
     for name in samplers:
-        for rho in rhos:
+        for rho in rhos if schedule == "karras" else rhos[:1]:
             for nfe in nfes:
                 try:
-                    specs.append(SamplerSpec.from_nfe(name, nfe, rho=rho))  # type: ignore[arg-type]
+                    specs.append(SamplerSpec.from_nfe(name, nfe, rho=rho, schedule=schedule))  # type: ignore[arg-type]
                 except ValueError as err:
                     warnings.warn(f"NFESweep: skipping {name} at NFE {nfe}: {err}", stacklevel=2)
     return specs
@@ -70,6 +75,8 @@ class NFESweep(L.Callback):
         samplers: sampler names ("heun", "euler", "ddim", ...).
         nfe: NFE values (odd for heun/stochastic; even values are skipped for them with a warning).
         rho: Karras-schedule exponents (EDM: 7; AOT: 90 unconditional, 72 conditional).
+        schedule: "karras" (EDM's rho-schedule) or "timesteps" (a discrete VP model's own DDIM-spaced levels, e.g.
+            ``samplers: [ddim]`` for DDIM as published).
         num_samples: samples per setting and seed range (EDM: 50,000 for CIFAR-10).
         seed_ranges: number of disjoint seed ranges (EDM reports the minimum over 3).
         feature: "auto", "inception" or "classifier".
@@ -93,6 +100,7 @@ class NFESweep(L.Callback):
         samplers: list[SamplerName] | None = None,
         nfe: list[int] | None = None,
         rho: list[float] | None = None,
+        schedule: Literal["karras", "timesteps"] = "karras",
         num_samples: int = 5000,
         seed_ranges: int = 1,
         feature: FeatureKind = "auto",
@@ -111,7 +119,7 @@ class NFESweep(L.Callback):
         super().__init__()
         if seed_ranges < 1 or num_samples < 2:
             raise ValueError(f"need seed_ranges >= 1 and num_samples >= 2, got {seed_ranges} and {num_samples}")
-        self.specs = sweep_specs(samplers or ["heun"], nfe or [3, 5, 9, 13, 19, 27, 35], rho or [7.0])
+        self.specs = sweep_specs(samplers or ["heun"], nfe or [3, 5, 9, 13, 19, 27, 35], rho or [7.0], schedule)
         if not self.specs:
             raise ValueError("NFESweep: no valid (sampler, NFE) combination")
         self.num_samples, self.seed_ranges = num_samples, seed_ranges
@@ -195,6 +203,7 @@ class NFESweep(L.Callback):
                 first_images = gather_rows(trainer, torch.cat(pixels)) if pixels else None
         row: dict[str, Any] = {
             "sampler": spec.name,
+            "schedule": spec.schedule,
             "rho": spec.rho,
             "num_steps": spec.num_steps,
             "nfe": spec.nfe,

@@ -75,6 +75,10 @@ class VPSchedule(nn.Module):
     def timestep_sigmas(self, num_steps: int, sigma_max: float | None = None) -> Tensor:
         """DDIM's uniformly spaced timesteps as a descending sigma schedule with a final 0, (num_steps + 1,).
 
+        Spacing: ``round(linspace(T - 1, 0, num_steps))``, which includes t = T - 1 and t = 0; the DDIM paper's
+        "uniform" skip ``range(0, T, T // num_steps)`` starts lower (t = 980 for 50 steps of 1000) — use that only
+        to match published DDIM numbers exactly.
+
         With ``sigma_max`` the schedule starts at the largest discrete level <= sigma_max (an intermediate start
         for the DPM-OT expressway) and spaces the steps uniformly below it.
         """

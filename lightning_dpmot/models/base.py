@@ -241,7 +241,7 @@ class DiffusionModule(L.LightningModule):
             seeds: (B,) int64 seeds; labels: (B,) class labels (-1 or None = unconditional).
             spec: sampler (default: ``self.sampler``).
         Returns:
-            SampleResult with x: (B, *data_shape) float32, clamped to [-1, 1].
+            SampleResult with x: (B, *data_shape) float32; images are clamped to [-1, 1], other data is not.
         """
         spec = spec or self.sampler
         seeds = torch.as_tensor(seeds, dtype=torch.long)
@@ -258,7 +258,8 @@ class DiffusionModule(L.LightningModule):
             )
         finally:
             self.train(was_training)
-        return SampleResult(result.x.float().clamp(-1, 1), result.nfe)
+        x = result.x.float()
+        return SampleResult(x.clamp(-1, 1) if len(self.data_shape) == 3 else x, result.nfe)  # clamp images only
 
     def generate_many(
         self, seeds: Tensor, batch_size: int = 256, spec: SamplerSpec | None = None

@@ -78,3 +78,8 @@ def test_sweep_writes_table_plot_and_curvature(tmp_path: Path) -> None:
     assert trainer.callback_metrics["test/fid_heun-karras-rho7@nfe=3"].item() == pytest.approx(float(rows[0]["fid"]))
     with pytest.raises(FileExistsError, match="exists"):
         trainer.test(model, dm, verbose=False)
+
+
+def test_timestep_schedule_uses_one_rho() -> None:
+    specs = sweep_specs(["ddim"], [5, 10], [7.0, 90.0], schedule="timesteps")
+    assert [(s.name, s.nfe, s.schedule) for s in specs] == [("ddim", 5, "timesteps"), ("ddim", 10, "timesteps")]

@@ -14,6 +14,7 @@ Randomness is counter-based (:mod:`lightning_dpmot.utils.random`): every step de
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -59,6 +60,23 @@ def adam(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
 
 
+def standalone_factory(factory: OptimizerCallable) -> OptimizerCallable:
+    """``factory`` without references to the CLI that built it.
+
+    jsonargparse hands LightningCLI's callable arguments over as a partial of an instantiator and the optimizer class
+    (``partial(call_in_context, instantiator, OptimizerClass, **init_args)``), and the instantiator holds the whole
+    CLI (parser, config, datamodule, trainer). Kept on the module, every ``deepcopy`` of it (EMA's averaged copy) or
+    pickle (``ddp_spawn``) would drag all of that along; under DDP it fails outright on the launcher's process
+    handles. The instantiator only matters for linked arguments, which optimizers have none of, so
+    ``partial(OptimizerClass, **init_args)`` is equivalent.
+    """
+    if isinstance(factory, functools.partial):  # nested partials are flattened: (context fn, instantiator, cls, ...)
+        for i, arg in enumerate(factory.args):
+            if isinstance(arg, type) and issubclass(arg, torch.optim.Optimizer):
+                return functools.partial(arg, *factory.args[i + 1 :], **factory.keywords)
+    return factory
+
+
 class DiffusionModule(L.LightningModule):
     """Base class: noise hook, label dropout, optimisation with warm-up, validation loss, generation.
 
@@ -96,7 +114,7 @@ class DiffusionModule(L.LightningModule):
         self.num_classes = num_classes
         self.class_conditional = class_conditional
         self.label_dropout = label_dropout
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = standalone_factory(optimizer)
         self.lr_warmup_images = lr_warmup_images
         self.sampler = sampler or SamplerSpec()
         self.seed = seed

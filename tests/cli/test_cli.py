@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import tiny_edm_checkpoint
 
@@ -112,6 +116,35 @@ def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch
         assert cli.trainer.callback_metrics["test/loss"].isfinite()
 
 
+def test_cli_module_copies_without_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer factory jsonargparse builds references the whole CLI; the module must not keep that reference.
+
+    Otherwise EMA's deepcopy of the module copies the trainer and the data (and fails under DDP on the launcher's
+    process handles); the factory must still build the configured optimizer.
+    """
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        [
+            "fit",
+            *config_args("aot_edm/digits.yaml"),
+            "--trainer.fast_dev_run=1",
+            "--trainer.callbacks=[]",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.optimizer=torch.optim.AdamW",
+            "--model.init_args.optimizer.lr=0.003",
+        ]
+    )
+    model = cli.model
+    payload = pickle.dumps(model.optimizer_factory)
+    assert b"Trainer" not in payload and b"DigitsDataModule" not in payload
+    optimizer = model.optimizer_factory(model.parameters())
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == 0.003
+    memo: dict[int, object] = {}
+    copied = copy.deepcopy(model, memo)
+    assert id(cli.trainer) not in memo and id(cli.datamodule) not in memo
+    assert all(torch.equal(a, b) for a, b in zip(copied.parameters(), model.parameters(), strict=True))
+
+
 def test_unknown_key_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--model.init_args.sigma_dataa=0.5"])
@@ -160,3 +193,24 @@ def test_console_script_exit_status(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr[-2000:]
     bad = subprocess.run([*base, "--trainer.max_stepz=1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "max_stepz" in bad.stderr
+
+
+@pytest.mark.slow
+def test_console_script_with_two_process_ddp_on_cpu(tmp_path: Path) -> None:
+    """The DDP launcher re-executes the `dpmot` command per rank; gloo must shut down cleanly (exit status 0)."""
+    cmd = [
+        "dpmot",
+        "fit",
+        "--config",
+        str(REPO / "configs/aot_edm/digits.yaml"),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "max_steps=3" in out.stderr + out.stdout

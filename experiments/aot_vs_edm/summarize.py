@@ -25,7 +25,35 @@ def load(runs: Path) -> tuple[list[dict], dict[tuple[str, str], dict]]:
     return rows, curvature
 
 
-def summarize(rows: list[dict], curvature: dict, out: Path) -> None:
+def training_summary(runs: Path) -> list[str]:
+    """Per training run: final val loss, the FIDCallback's last values (500 samples) and the OT callback's log."""
+    lines = [
+        "Training runs (the FIDCallback's 500-sample FIDs at the last validation; OT columns: mean over steps):",
+        "",
+        "| arm | seed | val loss | FID@9 (500) | FID@35 (500) | OT cost before | OT cost after | reduction | solve ms |"
+        " cost ms | gather ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in ("edm", "aot"):
+        for seed_dir in sorted((runs / arm).glob("seed*")):
+            metrics = list(csv.DictReader(open(seed_dir / "metrics.csv")))
+
+            def last(key: str, metrics: list[dict] = metrics) -> str:
+                values = [r[key] for r in metrics if r.get(key)]
+                return f"{float(values[-1]):.3f}" if values else "–"
+
+            def mean(key: str, metrics: list[dict] = metrics) -> str:
+                values = [float(r[key]) for r in metrics if r.get(key)]
+                return f"{np.mean(values):.4g}" if values else "–"
+
+            cells = [last("val/loss"), last("val/fid@nfe=9"), last("val/fid@nfe=35")]
+            cells += [mean(k) for k in ("ot/cost_before", "ot/cost_after", "ot/reduction", "ot/solve_ms")]
+            cells += [mean(k) for k in ("ot/cost_ms", "ot/gather_ms")]
+            lines.append(f"| {arm} | {seed_dir.name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def summarize(rows: list[dict], curvature: dict, out: Path, runs: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table: dict[tuple[str, float, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -70,6 +98,8 @@ def summarize(rows: list[dict], curvature: dict, out: Path) -> None:
     ]
     for (arm, seed), c in sorted(curvature.items()):
         lines.append(f"| {arm} | {seed} | {c['deviation']:.4f} | {c['curvature']:.4f} | {c['total_variation']:.4f} |")
+    if runs is not None:
+        lines += [""] + training_summary(runs)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(table, out / "fid_vs_nfe.png")
@@ -99,4 +129,4 @@ def plot(table: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     runs, out = Path(sys.argv[1]), Path(sys.argv[2])
-    summarize(*load(runs), out)
+    summarize(*load(runs), out, runs)

@@ -77,7 +77,7 @@ def tiny_edm_checkpoint(root: Path, class_conditional: bool = False) -> Path:
             "default_root_dir": str(root),
             "callbacks": [
                 {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "class_path": "lightning_dpmot.callbacks.LastCheckpoint",
                     "init_args": {"dirpath": str(root), "save_last": True, "save_top_k": 0},
                 }
             ],

@@ -1,5 +1,6 @@
-"""Lightning callbacks: EMA, OT noise-data coupling, sample grids, FID (in training, per NFE), predictions."""
+"""Lightning callbacks: checkpoints, EMA, OT noise-data coupling, sample grids, FID (training, per NFE), predictions."""
 
+from lightning_dpmot.callbacks.checkpoint import LastCheckpoint
 from lightning_dpmot.callbacks.ema import EMAHalfLife, ema_beta
 from lightning_dpmot.callbacks.fid import FIDCallback
 from lightning_dpmot.callbacks.nfe_sweep import NFESweep
@@ -7,4 +8,13 @@ from lightning_dpmot.callbacks.ot_coupling import OTCouplingCallback
 from lightning_dpmot.callbacks.predict_writer import SampleWriter
 from lightning_dpmot.callbacks.samples import SampleGrid
 
-__all__ = ["EMAHalfLife", "FIDCallback", "NFESweep", "OTCouplingCallback", "SampleGrid", "SampleWriter", "ema_beta"]
+__all__ = [
+    "EMAHalfLife",
+    "FIDCallback",
+    "LastCheckpoint",
+    "NFESweep",
+    "OTCouplingCallback",
+    "SampleGrid",
+    "SampleWriter",
+    "ema_beta",
+]

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_edm
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_dpmot.callbacks import EMAHalfLife, ema_beta
+from lightning_dpmot.callbacks import EMAHalfLife, LastCheckpoint, ema_beta
 from lightning_dpmot.data import DigitsDataModule
 
 
@@ -89,3 +89,36 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
         assert torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"])
     assert straight["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"] == 12
     assert straight["averaging_state"]["n_averaged"] == resumed["averaging_state"]["n_averaged"] == 12
+
+
+@pytest.mark.parametrize("checkpoint_cls", [ModelCheckpoint, LastCheckpoint])
+def test_last_ckpt_holds_the_final_step_when_training_ends_between_validations(
+    tmp_path: Path, checkpoint_cls: type[ModelCheckpoint]
+) -> None:
+    """max_steps = 7, validation (and a best-checkpoint save) every 2 epochs of 3 steps: the last one at step 6.
+
+    Lightning's ModelCheckpoint leaves last.ckpt there; LastCheckpoint writes step 7 with the final EMA weights.
+    """
+    torch.manual_seed(0)
+    model, ema = tiny_edm(), EMAHalfLife(halflife_images=100, rampup_ratio=0.1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        check_val_every_n_epoch=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[ema, checkpoint_cls(dirpath=tmp_path, save_last=True, monitor="val/loss", save_top_k=1)],
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    if checkpoint_cls is ModelCheckpoint:
+        assert last["global_step"] == 6  # the behaviour LastCheckpoint exists to fix
+        return
+    assert last["global_step"] == 7
+    for name, p in model.state_dict().items():  # after fit the module holds the final EMA weights
+        assert torch.equal(last["state_dict"][name], p), name

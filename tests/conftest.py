@@ -6,6 +6,7 @@ import os
 import pickle
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 
@@ -15,6 +16,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def quiet_trainer(root: Path | str, **kwargs: object) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar or model summary, rooted at ``root``; ``kwargs`` add or override."""
+    defaults: dict[str, object] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": root,
+    }
+    return L.Trainer(**{**defaults, **kwargs})  # type: ignore[arg-type]
 
 
 def write_fake_cifar10(root: Path, per_batch: int = 420, test_size: int = 8, seed: int = 0) -> Path:

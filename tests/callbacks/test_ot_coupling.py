@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_edm
+from conftest import quiet_trainer, tiny_edm
 from torch.utils.data import DataLoader
 
 from lightning_dpmot.callbacks import OTCouplingCallback
@@ -48,16 +48,12 @@ class Spy(L.Callback):
 
 def fit(tmp_path: Path, callbacks: list[L.Callback], steps: int = 3, **dm_kwargs: object) -> L.LightningModule:
     model = tiny_edm()
-    L.Trainer(
-        accelerator="cpu",
+    quiet_trainer(
+        tmp_path,
         max_steps=steps,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
-        default_root_dir=tmp_path,
     ).fit(model, DigitsDataModule(**({"batch_size": 32} | dm_kwargs)))
     return model
 
@@ -157,17 +153,13 @@ class GlobalCheck(L.Callback):
 @pytest.mark.slow
 @pytest.mark.parametrize("per_class", [False, True])
 def test_global_assignment_over_two_processes(tmp_path: Path, per_class: bool) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=2,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[OTCouplingCallback(per_class=per_class), GlobalCheck(per_class)],
     )
     trainer.fit(tiny_edm(), DigitsDataModule(batch_size=16))
@@ -203,18 +195,14 @@ class UnevenCheck(L.Callback):
 
 @pytest.mark.slow
 def test_unequal_batch_sizes_across_ranks_do_not_hang(tmp_path: Path) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=2,
         limit_val_batches=0,
         use_distributed_sampler=False,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[OTCouplingCallback(), UnevenCheck()],
     )
     trainer.fit(tiny_edm(), UnevenData(batch_size=8))

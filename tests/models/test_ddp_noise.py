@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_edm
+from conftest import quiet_trainer, tiny_edm
 
 from lightning_dpmot.data import DigitsDataModule
 from lightning_dpmot.utils.random import make_generator
@@ -35,18 +35,14 @@ class CheckNoise(L.Callback):
 
 def test_ranks_draw_different_noise(tmp_path: Path) -> None:
     L.seed_everything(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=2,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[CheckNoise()],
-        default_root_dir=tmp_path,
     )
     trainer.fit(tiny_edm(), DigitsDataModule(batch_size=8))
     assert trainer.callback_metrics["checked_ranks"].item() == 2.0  # the workers ran the checks

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_edm
+from conftest import quiet_trainer, tiny_edm
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dpmot.callbacks import EMAHalfLife, LastCheckpoint, ema_beta
@@ -57,16 +57,12 @@ def fit(tmp_path: Path, max_epochs: int, ckpt_path: str | None = None) -> Path:
     torch.manual_seed(123)  # network init; the trained state must not depend on anything else
     model = tiny_edm(class_conditional=True, label_dropout=0.2, lr_warmup_images=200, seed=5)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=max_epochs,
         limit_train_batches=3,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[EMAHalfLife(halflife_images=100, rampup_ratio=0.1), ckpt],
     )
     trainer.fit(model, DigitsDataModule(batch_size=32, x_flip=True), ckpt_path=ckpt_path)
@@ -101,17 +97,13 @@ def test_last_ckpt_holds_the_final_step_when_training_ends_between_validations(
     """
     torch.manual_seed(0)
     model, ema = tiny_edm(), EMAHalfLife(halflife_images=100, rampup_ratio=0.1)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=7,
         limit_train_batches=3,
         limit_val_batches=1,
         check_val_every_n_epoch=2,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[ema, checkpoint_cls(dirpath=tmp_path, save_last=True, monitor="val/loss", save_top_k=1)],
     )
     trainer.fit(model, DigitsDataModule(batch_size=32))

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dpmot.data import DigitsDataModule
@@ -29,17 +30,13 @@ def _one_thread() -> Iterator[None]:
 
 def fit(root: Path, max_steps: int, ckpt_path: str | None = None, **overrides: object) -> SemiDiscreteOTModule:
     module = SemiDiscreteOTModule(**{**SETTINGS, **overrides})  # type: ignore[arg-type]
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        root,
         devices=1,
         max_steps=max_steps,
         max_epochs=-1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
         callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0)],
     )
     trainer.fit(module, DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)  # 11 steps per epoch
@@ -125,18 +122,14 @@ class CheckRanks(L.Callback):
 @pytest.mark.slow
 def test_two_process_ddp_fit_gives_the_same_h_on_both_ranks_as_one_process(tmp_path: Path) -> None:
     module = SemiDiscreteOTModule(**{**SETTINGS, "eval_every": 4, "tol": 1e-3})  # type: ignore[arg-type]
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=8,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[CheckRanks()],
-        default_root_dir=tmp_path,
     )
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert trainer.callback_metrics["checked_ranks"].item() == 2.0  # the workers ran the checks

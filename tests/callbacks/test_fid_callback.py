@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_edm
+from conftest import quiet_trainer, tiny_edm
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_dpmot.callbacks import EMAHalfLife
@@ -39,15 +39,14 @@ def test_feature_kind_resolution() -> None:
 def test_fid_callback_logs_curve_and_matches_offline_fid(tmp_path: Path) -> None:
     fid = FIDCallback(samplers=SPECS, num_samples=64, batch_size=32, cache_dir=str(tmp_path / "cache"))
     model, dm = tiny_edm(), DigitsDataModule(batch_size=32)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=4,
         limit_train_batches=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=CSVLogger(tmp_path),
         enable_checkpointing=False,
-        enable_progress_bar=False,
         callbacks=[EMAHalfLife(halflife_images=50), fid],
     )
     trainer.fit(model, dm)
@@ -101,8 +100,8 @@ class CheckedFID(FIDCallback):
 @pytest.mark.slow
 def test_fid_callback_under_two_process_ddp(tmp_path: Path) -> None:
     fid = CheckedFID(samplers=SPECS[:1], num_samples=40, batch_size=16, cache_dir=str(tmp_path / "cache"))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=2,
@@ -111,7 +110,6 @@ def test_fid_callback_under_two_process_ddp(tmp_path: Path) -> None:
         num_sanity_val_steps=0,
         logger=CSVLogger(tmp_path),
         enable_checkpointing=False,
-        enable_progress_bar=False,
         callbacks=[fid],
     )
     trainer.fit(tiny_edm(), DigitsDataModule(batch_size=16))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from conftest import tiny_edm
+from conftest import quiet_trainer, tiny_edm
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
@@ -29,15 +28,14 @@ def test_make_grid_layout() -> None:
 def test_grids_during_training_and_final_grid_uses_ema(tmp_path: Path) -> None:
     ema = EMAHalfLife(halflife_images=10)
     grid = SampleGrid(num_samples=4, sampler=SamplerSpec("euler", num_steps=2))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=4,
         limit_train_batches=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=CSVLogger(tmp_path),
         enable_checkpointing=False,
-        enable_progress_bar=False,
         callbacks=[grid, ema],
     )
     model = tiny_edm()

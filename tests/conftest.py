@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +17,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole suite: on a shared 2-core box two threads under contention run ~10x slower,
+    and results are bit-reproducible only for a fixed thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def quiet_trainer(root: Path | str, **kwargs: object) -> L.Trainer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -21,13 +20,6 @@ from lightning_dpmot.sampling import SamplerSpec, karras_sigmas
 from lightning_dpmot.utils.random import make_generator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box, two threads under contention run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:

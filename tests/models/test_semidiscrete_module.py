@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -20,12 +19,6 @@ from lightning_dpmot.ot.semidiscrete import SemiDiscreteOT
 SETTINGS = dict(sigma_s=0.5, max_targets=64, num_mc_samples=2048, chunk_size=512, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fit(root: Path, max_steps: int, ckpt_path: str | None = None, **overrides: object) -> SemiDiscreteOTModule:

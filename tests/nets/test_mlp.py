@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,6 @@ import torch
 from lightning_dpmot.nets import MLPDenoiserNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box, two threads under contention run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def perturb_(net: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:

@@ -24,8 +24,16 @@ Methods:
 * ``"auction"``: epsilon-scaling auction on the cost's device
   (:func:`~lightning_dpmot.ot.auction.auction_assignment`); total within ``n * eps_final`` of the optimum.
 
+Input scale. :func:`solve_assignment` is the one place that normalises the magnitude of the input: a cost whose
+largest entry lies outside ``[2^-256, 2^256]`` (e.g. 1e300- or 1e-300-scale costs) is multiplied by an exact power of
+two that brings it into [0.5, 1) before any method sees it (:func:`~lightning_dpmot.ot.costs.normalise_magnitude`),
+and the options given in cost units (``eps``, ``eps_start``, ``prices``, ``round_eps``) are scaled with it. Scaling by
+a power of two is exact and changes no argmin, so every method returns the optimum (or its bound) of the original
+problem; costs inside that range are passed on untouched (bit-identical results).
+
 Degenerate sizes: n = 0 gives an empty permutation, n = 1 gives ``[0]``. Costs with NaN or inf entries,
-non-square or non-2-D costs, unknown methods and unknown options raise ``ValueError``.
+non-square or non-2-D costs, unknown methods, unknown options and invalid option values (NaN, inf, negative
+tolerances) raise ``ValueError``; every solver function below validates its own cost too.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from lightning_dpmot.ot.auction import auction_assignment
+from lightning_dpmot.ot.checks import check_cost_matrix
+from lightning_dpmot.ot.costs import ldexp, normalise_magnitude
 from lightning_dpmot.ot.sinkhorn import sinkhorn_assignment, sinkhorn_potentials
 
 #: Relative Sinkhorn regularisation for the exact solver's dual warm start (coarse duals suffice).
@@ -90,7 +100,10 @@ def solve_lapjv(cost: Tensor, warm_start: bool = False) -> Tensor:
     Returns:
         (n,) int64 optimal permutation on the cost's device.
     """
+    check_cost_matrix(cost)
     n = cost.shape[0]
+    if n <= 1:
+        return torch.zeros(n, dtype=torch.long, device=cost.device)
     cols = lap.lapjv(_normalise_for_lapjv(cost, warm_start), extend_cost=False, return_cost=False)[0]
     return _as_permutation(cols, n, cost.device, "exact")
 
@@ -104,6 +117,7 @@ def solve_scipy(cost: Tensor) -> Tensor:
     Returns:
         (n,) int64 optimal permutation on the cost's device.
     """
+    check_cost_matrix(cost)
     rows, cols = linear_sum_assignment(cost.to("cpu", torch.float64).numpy())
     return _as_permutation(cols[np.argsort(rows)], cost.shape[0], cost.device, "scipy")
 
@@ -135,21 +149,20 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_cost_matrix(cost: Tensor) -> None:
-    """Raise ``ValueError`` unless ``cost`` is a finite, real, square (n, n) tensor."""
-    if not isinstance(cost, Tensor):
-        raise ValueError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
-    if cost.dim() != 2:
-        raise ValueError(f"cost must be a 2-D (n, n) matrix, got shape {tuple(cost.shape)}")
-    if cost.shape[0] != cost.shape[1]:
-        raise ValueError(f"cost must be square (n, n) for a one-to-one assignment, got shape {tuple(cost.shape)}")
-    if cost.dtype == torch.bool or cost.is_complex():
-        raise ValueError(f"cost must be a real-valued matrix, got dtype {cost.dtype}")
-    # one reduction in the common case; the entry count only when the sum is not finite (NaN/inf or overflow)
-    if cost.is_floating_point() and not math.isfinite(float(cost.detach().sum(dtype=torch.float64))):
-        bad = int((~torch.isfinite(cost)).sum())
-        if bad:
-            raise ValueError(f"cost contains NaN or inf entries ({bad} of {cost.numel()}); costs must be finite")
+#: Options expressed in cost units, rescaled with the cost by :func:`solve_assignment`.
+_COST_UNIT_OPTIONS: dict[str, tuple[str, ...]] = {"sinkhorn": ("round_eps",), "auction": ("eps", "eps_start", "prices")}
+
+
+def _rescale_options(method: str, options: dict[str, Any], shift: int) -> dict[str, Any]:
+    """Options with the cost-unit ones multiplied by ``2**shift`` (exact), as the cost was."""
+    scaled = dict(options)
+    for name in _COST_UNIT_OPTIONS.get(method, ()):
+        value = scaled.get(name)
+        if isinstance(value, Tensor):
+            scaled[name] = ldexp(value.to(torch.float64), shift)
+        elif value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            scaled[name] = math.ldexp(float(value), shift)
+    return scaled
 
 
 def _check_options(method: str, options: dict[str, Any]) -> None:
@@ -163,7 +176,8 @@ def solve_assignment(cost: Tensor, method: str = "exact", **options: Any) -> Ten
     """Solve the square assignment problem ``min_perm sum_i cost[i, perm[i]]``.
 
     Args:
-        cost: (n, n) finite cost matrix (float or integer) on any device; gradients are not tracked.
+        cost: (n, n) finite cost matrix (float or integer) on any device and of any magnitude (rescaled by a power of
+            two when extreme, see the module docstring); gradients are not tracked.
         method: one of :data:`METHODS` (module docstring).
         **options: method-specific options (``warm_start`` for ``"exact"``; the keyword arguments of
             ``sinkhorn_assignment`` / ``auction_assignment`` for ``"sinkhorn"`` / ``"auction"``).
@@ -181,6 +195,9 @@ def solve_assignment(cost: Tensor, method: str = "exact", **options: Any) -> Ten
     cost = cost.detach()
     if not cost.is_floating_point():
         cost = cost.to(torch.float64)
+    cost, shift = normalise_magnitude(cost)
+    if shift:
+        options = _rescale_options(method, options, shift)
     return _SOLVERS[method](cost, **options)
 
 

@@ -30,10 +30,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_dpmot.ot import checks
 from lightning_dpmot.ot.costs import cost_scale
 
 #: Default final epsilon relative to the cost spread: total gap <= n * 1e-3 * cost_scale(C).
 DEFAULT_REL_EPS = 1e-3
+
+#: Smallest final epsilon relative to the cost spread, in ulps of the arithmetic dtype at 1: smaller bids would be
+#: lost to rounding of the (order-one, normalised) prices and the auction would never end.
+_MIN_REL_EPS_ULPS = 100
 
 
 class AuctionResult(NamedTuple):
@@ -180,7 +185,9 @@ def auction_assignment(
     """Epsilon-scaling auction for the square assignment problem.
 
     Args:
-        cost: (n, n) finite cost matrix on any device (validated by the caller, see ``solve_assignment``).
+        cost: (n, n) finite cost matrix on any device (``ValueError`` otherwise). Any magnitude up to the float range
+            works (the spread is computed overflow-free); :func:`~lightning_dpmot.ot.assignment.solve_assignment`
+            also rescales costs at the extremes of the range by a power of two first.
         eps: final epsilon in cost units; default ``1e-3 * cost_scale(cost)``. The total cost is within
             ``n * eps`` of the optimum.
         eps_start: first epsilon in cost units; default ``cost_scale(cost)`` (or ``eps`` when warm ``prices``
@@ -191,13 +198,26 @@ def auction_assignment(
         dtype: arithmetic dtype (float64 by default, float32 is faster on some GPUs).
         max_rounds: safety cap on the total number of rounds; exceeding it raises ``RuntimeError``.
 
+    Raises:
+        ValueError: a non-finite or non-square cost, or a NaN, infinite or out-of-range setting (named).
+
     Returns:
         :class:`AuctionResult` with the permutation (on the cost's device), prices, final eps and round count.
     """
-    if not 0.0 < scaling < 1.0:
-        raise ValueError(f"scaling must be in (0, 1), got {scaling}")
-    if eps is not None and not eps > 0.0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    checks.check_cost_matrix(cost)
+    checks.in_open_unit_interval("scaling", scaling)
+    if eps is not None:
+        checks.positive("eps", eps)
+    if eps_start is not None:
+        checks.positive("eps_start", eps_start)
+    checks.integer("max_rounds", max_rounds, 1)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if prices is not None:
+        if not isinstance(prices, Tensor) or prices.shape != cost.shape[:1]:
+            shape = tuple(prices.shape) if isinstance(prices, Tensor) else type(prices).__name__
+            raise ValueError(f"prices must be a ({cost.shape[0]},) tensor of column prices, got {shape}")
+        checks.finite_tensor("prices", prices)
     n = cost.shape[0]
     device = cost.device
     if n <= 1:
@@ -209,10 +229,21 @@ def auction_assignment(
         )
     c = cost.to(dtype)
     c = c - c.min(1, keepdim=True).values
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(
+            f"cost entries (max |C| = {float(cost.abs().max()):.3g}) overflow the arithmetic dtype {dtype}; use "
+            "dtype=torch.float64 or solve_assignment(..., 'auction'), which rescales extreme costs"
+        )
     scale = float(cost_scale(c))
     if not scale > 0.0:  # C_ij = a_i + b_j: every permutation is optimal
         return AuctionResult(torch.arange(n, device=device), torch.zeros(n, dtype=dtype, device=device), 0.0, 0)
     eps_final = DEFAULT_REL_EPS * scale if eps is None else float(eps)
+    if eps_final / scale < _MIN_REL_EPS_ULPS * torch.finfo(dtype).eps:
+        # bids of eps would vanish in the rounding of O(1) normalised prices: the auction would never finish
+        raise ValueError(
+            f"eps={eps_final:.3g} is below the resolution of {dtype} at the cost spread {scale:.3g} (relative "
+            f"{eps_final / scale:.3g} < {_MIN_REL_EPS_ULPS} ulp); raise eps or use float64"
+        )
     if eps_start is None:
         eps_start = eps_final if prices is not None else max(scale, eps_final)
     warm = None if prices is None else prices.to(device, dtype) / scale

@@ -22,6 +22,7 @@ terms and no such reduction exists: the two costs have different optimal permuta
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -124,13 +125,55 @@ def inner_product_cost(x: Tensor, y: Tensor, dtype: torch.dtype = torch.float32)
     return torch.mm(xf.to(dtype), yf.to(dtype).T).mul_(-2.0)
 
 
+#: Costs whose largest magnitude lies in [2^-_SAFE_EXPONENT, 2^_SAFE_EXPONENT] (about 1e-77 .. 1e77) are used as given;
+#: squares, sums and potentials of such costs cannot overflow or underflow float64. Others are rescaled by a power of
+#: two first (:func:`normalise_magnitude`).
+_SAFE_EXPONENT = 256
+
+
+def ldexp(value: Tensor, shift: int) -> Tensor:
+    """``value * 2**shift`` computed exactly (two half-shifts, so neither power of two over- or underflows)."""
+    half = shift // 2
+    return value * 2.0**half * 2.0 ** (shift - half)
+
+
+def normalise_magnitude(cost: Tensor) -> tuple[Tensor, int]:
+    """Rescale ``cost`` by an exact power of two when its magnitude is outside the safe range of float arithmetic.
+
+    If ``max |C_ij|`` lies outside ``[2^-256, 2^256]`` the matrix is multiplied by ``2^shift`` with ``-shift`` the
+    binary exponent of that maximum, so the largest entry lands in [0.5, 1). Multiplying by a power of two is exact in
+    floating point (only entries below ``2^-1022`` times the maximum become subnormal, far below one ulp of any total
+    cost) and leaves every assignment's ranking and every argmin unchanged. Inside the safe range ``cost`` is returned
+    as is (shift 0), so results on ordinary costs are bit-identical to solving the raw matrix.
+
+    Args:
+        cost: (n, m) finite real cost matrix.
+
+    Returns:
+        ``(scaled, shift)``: the (n, m) matrix ``cost * 2**shift`` (float64 if rescaled, else ``cost`` itself) and the
+        integer ``shift``; quantities in cost units (epsilons, prices) scale by the same ``2**shift``
+        (:func:`ldexp`, :func:`math.ldexp`).
+    """
+    if cost.numel() == 0:
+        return cost, 0
+    peak = float(cost.detach().abs().max())
+    if peak == 0.0:
+        return cost, 0
+    exponent = math.frexp(peak)[1]
+    if -_SAFE_EXPONENT <= exponent <= _SAFE_EXPONENT:
+        return cost, 0
+    return ldexp(cost.to(torch.float64), -exponent), -exponent
+
+
 def cost_scale(cost: Tensor) -> Tensor:
     """Spread of a cost matrix that ignores row and column constants.
 
     The standard deviation of the double-centred matrix ``C_ij - mean_j C_ij - mean_i C_ij + mean C``: adding
     ``a_i + b_j`` to ``C`` (which changes no assignment) leaves it unchanged, and it scales linearly with
     ``C``.
-    Solvers use it to express regularisation and tolerances relative to the problem.
+    Solvers use it to express regularisation and tolerances relative to the problem. Costs of extreme magnitude
+    (squares beyond float64, e.g. 1e200, or below it, e.g. 1e-200) are rescaled by an exact power of two first
+    (:func:`normalise_magnitude`), so the result is finite and positive for any finite non-additive cost.
 
     Args:
         cost: (n, m) cost matrix.
@@ -138,6 +181,8 @@ def cost_scale(cost: Tensor) -> Tensor:
     Returns:
         0-dim tensor (float64) on the cost's device; 0 for a matrix of the form ``a_i + b_j``.
     """
-    c = cost.to(torch.float64)
+    scaled, shift = normalise_magnitude(cost)
+    c = scaled.to(torch.float64)
     centred = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + c.mean()
-    return centred.square().mean().sqrt()
+    spread = centred.square().mean().sqrt()
+    return spread if shift == 0 else ldexp(spread, -shift)

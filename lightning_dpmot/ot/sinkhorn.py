@@ -32,6 +32,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from lightning_dpmot.ot import checks
 from lightning_dpmot.ot.auction import auction_phases
 from lightning_dpmot.ot.costs import cost_scale
 
@@ -109,6 +110,20 @@ def _scale_stage(
     return f + eps * torch.log(u), g + eps * torch.log(v), it, error
 
 
+def _check_settings(
+    cost: Tensor, reg: float, reg_start: float, scaling: float, max_iter: int, tol: float, dtype: torch.dtype | None
+) -> None:
+    """``ValueError`` naming the first invalid input (a NaN ``reg`` used to loop forever in the eps schedule)."""
+    checks.check_cost_matrix(cost)
+    checks.positive("reg", reg)
+    checks.positive("reg_start", reg_start)
+    checks.in_open_unit_interval("scaling", scaling)
+    checks.integer("max_iter", max_iter, 1)
+    checks.positive("tol", tol)
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.float64 or None, got {dtype}")
+
+
 def _normalise(cost: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
     """Step 1 in float64: returns (reduced / s, row minima, column minima, s); s = 0 for ``a_i + b_j``."""
     reduced, rows, cols = _reduce(cost.to(torch.float64))
@@ -120,10 +135,6 @@ def _sinkhorn_normalised(
     c: Tensor, reg: float, reg_start: float, scaling: float, max_iter: int, tol: float
 ) -> tuple[Tensor, Tensor, int, float]:
     """Step 2 on a normalised cost: returns (f, g, total iterations, final row error) in the units of c."""
-    if reg <= 0.0 or not 0.0 < scaling < 1.0:
-        raise ValueError(f"need reg > 0 and scaling in (0, 1), got reg={reg}, scaling={scaling}")
-    if max_iter < 1 or tol <= 0.0:
-        raise ValueError(f"need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
     f = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
     g = torch.zeros_like(f)
     total, error = 0, math.inf
@@ -160,7 +171,11 @@ def sinkhorn_potentials(
 
     Returns:
         :class:`SinkhornResult` with float64 potentials in cost units.
+
+    Raises:
+        ValueError: a non-finite or non-square cost, or a NaN, infinite or out-of-range setting (named).
     """
+    _check_settings(cost, reg, reg_start, scaling, max_iter, tol, dtype)
     dtype = dtype or (torch.float64 if cost.dtype == torch.float64 else torch.float32)
     c, rows, cols, scale = _normalise(cost)
     if scale == 0.0:  # C_ij = a_i + b_j: the uniform plan is optimal
@@ -226,9 +241,15 @@ def sinkhorn_assignment(
 
     Returns:
         (n,) int64 permutation on the cost's device.
+
+    Raises:
+        ValueError: a non-finite or non-square cost, or a NaN, infinite or out-of-range setting (named).
     """
     if rounding not in ("auction", "greedy"):
         raise ValueError(f"unknown rounding {rounding!r}; valid roundings are 'auction', 'greedy'")
+    _check_settings(cost, reg, reg_start, scaling, max_iter, tol, dtype)
+    if round_eps is not None:
+        checks.positive("round_eps", round_eps)
     n = cost.shape[0]
     if n <= 1:
         return torch.zeros(n, dtype=torch.long, device=cost.device)
@@ -240,6 +261,4 @@ def sinkhorn_assignment(
     if rounding == "greedy":
         return round_greedy(rearrange(f, "n -> n 1") + g - c.to(dtype))
     eps = reg if round_eps is None else round_eps / scale
-    if not eps > 0.0:
-        raise ValueError(f"round_eps must be positive, got {round_eps}")
     return auction_phases(c, eps, eps, 0.5, -g, max_rounds=_MAX_ROUNDING_ROUNDS).perm

@@ -33,7 +33,7 @@ from lightning_dpmot.ot.costs import pairwise_cost
 from lightning_dpmot.ot.coupling import CouplingStats, coupling_permutation, coupling_stats
 from lightning_dpmot.utils.random import global_seed, make_generator
 
-_POOL_INDEX, _POOL_NOISE = 21, 22  # generator purposes
+_POOL_NOISE = 22  # generator purpose (21: the pool's items, drawn by the DataModule)
 
 
 class OTCouplingCallback(L.Callback):
@@ -169,19 +169,12 @@ class OTCouplingCallback(L.Callback):
         self._pool_pos += b
 
     def _draw_pool(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The next pool: training items from the DataModule (``draw_pool``), this rank's noise, coupled."""
         dm = trainer.datamodule
-        dataset = dm.dataset("train")
+        if dm is None or not hasattr(dm, "draw_pool"):
+            raise ValueError("OTCouplingCallback(pool_size=...) needs a DataModule with draw_pool (the project's)")
         seed, device = global_seed(), pl_module.device
-        gen = make_generator(seed, trainer.global_rank, self.pools_drawn, _POOL_INDEX)
-        if len(dataset) < self.pool_size:
-            raise ValueError(f"pool_size={self.pool_size} exceeds the training split ({len(dataset)} items)")
-        idx = torch.randperm(len(dataset), generator=gen)[: self.pool_size]
-        items = [dataset[int(i)] for i in idx]
-        pool = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
-        if getattr(dm, "x_flip", False) and pool["x"].ndim == 4:
-            from lightning_dpmot.data.base import apply_x_flip
-
-            apply_x_flip(pool, len(dataset), seed, 1_000_000 + self.pools_drawn)
+        pool = dm.draw_pool(self.pool_size, trainer.global_rank, self.pools_drawn, device)
         noise_gen = make_generator(seed, trainer.global_rank, self.pools_drawn, _POOL_NOISE, device=device)
         noise = torch.randn(pool["x"].shape, generator=noise_gen, device=device)
         labels = pool.get("label") if self.per_class else None

@@ -6,9 +6,10 @@ Every DataModule of the project yields dict batches::
      "index": (B,) int64}
 
 ``data_shape`` and ``num_classes`` are known right after ``__init__`` (no file access), so LightningCLI can
-link them into the model at instantiation. ``predict_dataloader`` yields ``{"seed": (B,) int64, "label": (B,)
-int64}``: one seed per generated sample (EDM's per-image seeds), so predictions do not depend on batch size or
-device count.
+link them into the model at instantiation. ``predict_dataloader`` yields ``{"seed": (B,) int64, **conditions}``:
+one seed per generated sample (EDM's per-image seeds), so predictions do not depend on batch size or device count,
+and the conditions of :func:`generation_conditions` (``"label": (B,)`` for class data) — the one place that says
+which condition a seed generates. Training loaders resume mid-epoch exactly (:mod:`.loading`).
 
 Image datasets may keep their pixels as uint8 (4x less memory than float32; CIFAR-10's 50k training images
 take 150 MB instead of 600 MB): :class:`TensorDictDataset` converts each item to float32 in [-1, 1] on access.
@@ -18,20 +19,22 @@ take 150 MB instead of 600 MB): :class:`TensorDictDataset` converts each item to
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_dpmot.data.loading import EpochSeededRandomSampler, ResumableDataLoader
 from lightning_dpmot.utils.random import global_seed, make_generator
 
 Split = Literal["train", "val"]
-_SHUFFLE, _FLIP = 11, 12  # generator purpose tags
+_FLIP = 12  # generator purpose tag (11: the shuffle, in .loading)
+_POOL_INDEX = 21  # generator purpose of OT pools (the value the OT callback used: pools stay bit-identical)
+_POOL_FLIP_EPOCH = 1_000_000  # pool k's x-flip coins are those of "epoch" 1_000_000 + k
 
 
 def uint8_to_signed(x: Tensor) -> Tensor:
@@ -103,27 +106,6 @@ class TensorDictDataset(Dataset):
         return item
 
 
-class EpochSeededRandomSampler(RandomSampler):
-    """Shuffles with a permutation derived from (seed, epoch) only, so a resumed run replays the same order.
-
-    Lightning calls :meth:`set_epoch` every epoch; under DDP it replaces this sampler (a ``RandomSampler``) by a
-    ``DistributedSampler``, which is seeded from the run's seed and epoch in the same spirit.
-    """
-
-    def __init__(self, data_source: Dataset, seed: int | None = None) -> None:
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        seed = self.seed if self.seed is not None else global_seed()
-        gen = make_generator(seed, self.epoch, _SHUFFLE)
-        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
-
-
 def x_flip_mask(index: Tensor, num_items: int, seed: int, epoch: int) -> Tensor:
     """Which items are flipped this epoch: one fair coin per (seed, epoch, dataset index).
 
@@ -146,8 +128,29 @@ def apply_x_flip(batch: dict[str, Tensor], num_items: int, seed: int, epoch: int
     return batch
 
 
+def generation_conditions(seeds: Tensor, num_classes: int) -> dict[str, Tensor]:
+    """The condition mapping of the samples generated from ``seeds``: the project's one label rule.
+
+    Args:
+        seeds: (B,) int64 per-sample seeds (any shape works; the result has the same shape).
+        num_classes: classes of the data; 0 for unlabelled data.
+
+    Returns:
+        ``{"label": seeds % num_classes}`` (int64, on ``seeds``' device) when ``num_classes > 0``, else ``{}``.
+    """
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes == 0:
+        return {}
+    return {"label": seeds.to(torch.long) % num_classes}
+
+
 class SeedDataset(Dataset):
-    """Seeds ``offset .. offset + num_samples - 1`` (and a class label per seed) for generation."""
+    """Seeds ``offset .. offset + num_samples - 1`` for generation, each with its conditions.
+
+    Items: ``{"seed": () int64, **generation_conditions(seed, num_classes)}``, so batches are
+    ``{"seed": (B,), "label": (B,)}`` for class data and ``{"seed": (B,)}`` for unlabelled data.
+    """
 
     def __init__(self, num_samples: int, offset: int = 0, num_classes: int = 0) -> None:
         if num_samples < 1:
@@ -158,16 +161,16 @@ class SeedDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        seed = self.offset + index
-        label = seed % self.num_classes if self.num_classes > 0 else -1
-        return {"seed": torch.tensor(seed, dtype=torch.long), "label": torch.tensor(label, dtype=torch.long)}
+        seed = torch.tensor(self.offset + index, dtype=torch.long)
+        return {"seed": seed, **generation_conditions(seed, self.num_classes)}
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """Base class: loaders, splits and shapes shared by all datasets.
+    """Base class: loaders, splits and shapes shared by all datasets; it owns the loader arguments.
 
-    Subclasses set ``self.data_shape`` and ``self.num_classes`` in ``__init__`` and implement
-    :meth:`build_dataset`.
+    Subclasses take their own arguments plus ``**kwargs`` passed on to this ``__init__`` (LightningCLI follows
+    them here, so ``data.init_args.batch_size`` works for every subclass), set ``self.data_shape`` and
+    ``self.num_classes`` in ``__init__``, and implement :meth:`build_dataset`.
 
     Args:
         batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
@@ -229,25 +232,46 @@ class DiffusionDataModule(L.LightningDataModule):
             self._datasets[split] = self.build_dataset(split)
         return self._datasets[split]
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochSeededRandomSampler(dataset) if shuffle else None,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def generation_conditions(self, seeds: Tensor) -> dict[str, Tensor]:
+        """(B,) int64 seeds -> the condition mapping of those samples (see :func:`generation_conditions`)."""
+        return generation_conditions(seeds, self.num_classes)
+
+    def _ranks(self) -> tuple[int, int]:
+        """``(num_replicas, rank)`` of the attached trainer's data-parallel split; ``(1, 0)`` without one."""
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)
+        return (int(kwargs["num_replicas"]), int(kwargs["rank"])) if kwargs else (1, 0)
+
+    def check_batch_size(self) -> None:
+        """Raise if a rank's share of the training split cannot fill one ``batch_size`` batch (loaders drop it)."""
+        n, (world, _) = len(self.dataset("train")), self._ranks()
+        per_rank = -(-n // world)
+        if per_rank < self.batch_size:
+            share = f" ({per_rank} per rank on {world} ranks)" if world > 1 else ""
+            raise ValueError(
+                f"{self.name}: batch_size={self.batch_size} is larger than the training split of {n} items{share}; "
+                f"lower data.init_args.batch_size to at most {per_rank}"
+            )
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Runs before the sanity check and the first step: a batch that cannot be filled fails here, not later.
+        if stage == "fit":
+            self.check_batch_size()
 
     @override
     def train_dataloader(self) -> DataLoader:
+        self.check_batch_size()
         dataset = self.dataset("train")
-        if len(dataset) < self.batch_size:
-            raise ValueError(
-                f"{self.name}: the training split has {len(dataset)} items, fewer than batch_size={self.batch_size}"
-            )
+        world, rank = self._ranks()
         # drop_last: every rank sees equally shaped batches, which all_gather-based couplings need.
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededRandomSampler(dataset, num_replicas=world, rank=rank),
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -256,9 +280,41 @@ class DiffusionDataModule(L.LightningDataModule):
             apply_x_flip(batch, len(self.dataset("train")), global_seed(), trainer.current_epoch)
         return batch
 
+    def draw_pool(self, size: int, rank: int, pool_index: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Draw a pool of ``size`` distinct training items (OT pool mode), from counter-based generators.
+
+        The items are a seeded permutation's first ``size`` of the training split, keyed by (run seed, ``rank``,
+        ``pool_index``), so a resumed run redraws the same pool; with ``x_flip`` each pool gets its own coins.
+
+        Args:
+            size: pool size P (at most the training split's size).
+            rank: global rank drawing the pool.
+            pool_index: how many pools this rank drew before.
+            device: where the pool goes.
+
+        Returns:
+            The stacked items: ``{"x": (P, *data_shape), "index": (P,)[, "label": (P,)]}`` on ``device``.
+        """
+        dataset = self.dataset("train")
+        if len(dataset) < size:
+            raise ValueError(f"pool_size={size} exceeds the training split ({len(dataset)} items)")
+        seed = global_seed()
+        gen = make_generator(seed, rank, pool_index, _POOL_INDEX)
+        idx = torch.randperm(len(dataset), generator=gen)[:size]
+        items = [dataset[int(i)] for i in idx]
+        pool = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
+        if self.x_flip and pool["x"].ndim == 4:
+            apply_x_flip(pool, len(dataset), seed, _POOL_FLIP_EPOCH + pool_index)
+        return pool
+
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
+
     @override
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.val_batch_size, shuffle=False, drop_last=False)
+        return self._loader(self.dataset("val"), self.val_batch_size)
 
     @override
     def test_dataloader(self) -> DataLoader:
@@ -267,4 +323,4 @@ class DiffusionDataModule(L.LightningDataModule):
     @override
     def predict_dataloader(self) -> DataLoader:
         seeds = SeedDataset(self.predict_num_samples, self.predict_seed_offset, self.num_classes)
-        return self._loader(seeds, self.predict_batch_size, shuffle=False, drop_last=False)
+        return self._loader(seeds, self.predict_batch_size)

@@ -191,13 +191,8 @@ class CIFAR10DataModule(DiffusionDataModule):
         root: folder holding ``cifar-10-batches-py/`` (or that folder itself).
         download: fetch the official archive into ``root`` if the batches are missing (MD5-checked).
         subset: use only the first N training images (debugging and tests); ``null`` uses all 50,000.
-        batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
-        val_batch_size: per-device batch size for validation / test (default: ``batch_size``).
-        num_workers: DataLoader workers.
-        x_flip: random horizontal flips of training images (EDM's x-flip augmentation).
-        predict_num_samples: how many samples ``dpmot predict`` generates.
-        predict_batch_size: per-device batch size for generation.
-        predict_seed_offset: first per-sample seed for generation.
+        **kwargs: the loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule` (``batch_size``,
+            ``num_workers``, ``x_flip``, ``predict_num_samples``, ...).
     """
 
     def __init__(
@@ -205,23 +200,9 @@ class CIFAR10DataModule(DiffusionDataModule):
         root: str = "data",
         download: bool = False,
         subset: int | None = None,
-        batch_size: int = 128,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        x_flip: bool = False,
-        predict_num_samples: int = 64,
-        predict_batch_size: int = 64,
-        predict_seed_offset: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            num_workers=num_workers,
-            x_flip=x_flip,
-            predict_num_samples=predict_num_samples,
-            predict_batch_size=predict_batch_size,
-            predict_seed_offset=predict_seed_offset,
-        )
+        super().__init__(**kwargs)
         if subset is not None and not 1 <= subset <= CIFAR10_NUM_TRAIN:
             raise ValueError(f"subset must be in 1..{CIFAR10_NUM_TRAIN} or null, got {subset}")
         self.root = Path(root).expanduser()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,13 +83,8 @@ class DigitsDataModule(DiffusionDataModule):
         resolution: image side R: 8 (native), 16 or 32 (bicubic upsampling).
         val_fraction: fraction of each class held out for validation (seeded, stratified split).
         split_seed: seed of the train/val split.
-        batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
-        val_batch_size: per-device batch size for validation / test (default: ``batch_size``).
-        num_workers: DataLoader workers.
-        x_flip: random horizontal flips of training images (EDM's x-flip augmentation).
-        predict_num_samples: how many samples ``dpmot predict`` generates.
-        predict_batch_size: per-device batch size for generation.
-        predict_seed_offset: first per-sample seed for generation.
+        **kwargs: the loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule` (``batch_size``,
+            ``num_workers``, ``x_flip``, ``predict_num_samples``, ...).
     """
 
     def __init__(
@@ -96,23 +92,9 @@ class DigitsDataModule(DiffusionDataModule):
         resolution: int = 8,
         val_fraction: float = 0.15,
         split_seed: int = 0,
-        batch_size: int = 128,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        x_flip: bool = False,
-        predict_num_samples: int = 64,
-        predict_batch_size: int = 64,
-        predict_seed_offset: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            num_workers=num_workers,
-            x_flip=x_flip,
-            predict_num_samples=predict_num_samples,
-            predict_batch_size=predict_batch_size,
-            predict_seed_offset=predict_seed_offset,
-        )
+        super().__init__(**kwargs)
         if resolution not in DIGITS_RESOLUTIONS:
             raise ValueError(f"resolution must be one of {DIGITS_RESOLUTIONS}, got {resolution}")
         if not 0.0 < val_fraction < 1.0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,13 +104,8 @@ class ImageFolderDataModule(DiffusionDataModule):
         class_subfolders: each immediate subfolder is a class (sorted names -> labels 0..K-1).
         val_fraction: fraction of the images (of every class) held out for validation.
         split_seed: seed of the train/val split.
-        batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
-        val_batch_size: per-device batch size for validation / test (default: ``batch_size``).
-        num_workers: DataLoader workers.
-        x_flip: random horizontal flips of training images (EDM's x-flip augmentation).
-        predict_num_samples: how many samples ``dpmot predict`` generates.
-        predict_batch_size: per-device batch size for generation.
-        predict_seed_offset: first per-sample seed for generation.
+        **kwargs: the loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule` (``batch_size``,
+            ``num_workers``, ``x_flip``, ``predict_num_samples``, ...).
     """
 
     def __init__(
@@ -120,23 +116,9 @@ class ImageFolderDataModule(DiffusionDataModule):
         class_subfolders: bool = False,
         val_fraction: float = 0.05,
         split_seed: int = 0,
-        batch_size: int = 128,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        x_flip: bool = False,
-        predict_num_samples: int = 64,
-        predict_batch_size: int = 64,
-        predict_seed_offset: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            num_workers=num_workers,
-            x_flip=x_flip,
-            predict_num_samples=predict_num_samples,
-            predict_batch_size=predict_batch_size,
-            predict_seed_offset=predict_seed_offset,
-        )
+        super().__init__(**kwargs)
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         if channels not in (1, 3):

@@ -20,7 +20,7 @@ mode exactly ``n // K`` or ``n // K + 1`` times. Train and val are drawn from in
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -109,13 +109,11 @@ class Toy2DDataModule(DiffusionDataModule):
         std: per-coordinate std of each Gaussian mode (moons: of the noise around the arcs).
         scale: factor applied to centres and arcs (not to ``std``).
         seed: data seed (train and val use independent streams derived from it).
-        batch_size: per-device training batch size (the global batch is ``batch_size * world_size``).
-        val_batch_size: per-device batch size for validation / test (default: ``batch_size``).
-        num_workers: DataLoader workers.
-        x_flip: must stay false (points have no left-right flip).
-        predict_num_samples: how many samples ``dpmot predict`` generates.
-        predict_batch_size: per-device batch size for generation.
-        predict_seed_offset: first per-sample seed for generation.
+        batch_size: per-device training batch size (default 256 here).
+        predict_num_samples: how many samples ``dpmot predict`` generates (default 2,000 here).
+        predict_batch_size: per-device batch size for generation (default 2,000 here).
+        **kwargs: the other loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule`
+            (``x_flip`` must stay false: points have no left-right flip).
     """
 
     def __init__(
@@ -127,23 +125,17 @@ class Toy2DDataModule(DiffusionDataModule):
         scale: float = 1.0,
         seed: int = 0,
         batch_size: int = 256,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        x_flip: bool = False,
         predict_num_samples: int = 2_000,
         predict_batch_size: int = 2_000,
-        predict_seed_offset: int = 0,
+        **kwargs: Any,
     ) -> None:
-        if x_flip:
+        if kwargs.get("x_flip"):
             raise ValueError("x_flip flips images left-right and is meaningless for 2-D points; set x_flip: false")
         super().__init__(
             batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            num_workers=num_workers,
-            x_flip=x_flip,
             predict_num_samples=predict_num_samples,
             predict_batch_size=predict_batch_size,
-            predict_seed_offset=predict_seed_offset,
+            **kwargs,
         )
         _check_name(dataset)
         if num_train < 1 or num_val < 1:

@@ -13,6 +13,7 @@ from lightning_dpmot.data.base import (
     Split,
     TensorDictDataset,
     apply_x_flip,
+    generation_conditions,
     split_indices,
     x_flip_mask,
 )
@@ -84,8 +85,11 @@ def test_train_loader_drops_the_last_partial_batch_and_val_keeps_it() -> None:
 
 
 def test_train_loader_needs_a_full_batch() -> None:
-    with pytest.raises(ValueError, match="the training split has 10 items, fewer than batch_size=11"):
+    message = r"_Ramp: batch_size=11 is larger than the training split of 10 items; lower data.init_args.batch_size"
+    with pytest.raises(ValueError, match=message):
         _Ramp(batch_size=11).train_dataloader()
+    with pytest.raises(ValueError, match=message):
+        _Ramp(batch_size=11).setup("fit")
 
 
 def test_predict_loader_yields_consecutive_seeds_from_the_offset() -> None:
@@ -95,6 +99,47 @@ def test_predict_loader_yields_consecutive_seeds_from_the_offset() -> None:
     seeds = torch.cat([b["seed"] for b in batches])
     assert seeds.tolist() == list(range(100, 110))
     assert torch.cat([b["label"] for b in batches]).tolist() == [s % 3 for s in range(100, 110)]
+    assert set(batches[0]) == {"seed", "label"}
+
+
+def test_unlabelled_predict_batches_carry_seeds_only() -> None:
+    dm = _Ramp(predict_num_samples=5, predict_batch_size=5)
+    dm.num_classes = 0
+    (batch,) = list(dm.predict_dataloader())
+    assert set(batch) == {"seed"} and batch["seed"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_generation_conditions_are_the_one_label_rule() -> None:
+    seeds = torch.tensor([0, 7, 10, 23, -1])
+    conditions = generation_conditions(seeds, 10)
+    assert set(conditions) == {"label"}
+    assert conditions["label"].tolist() == [0, 7, 0, 3, 9] and conditions["label"].dtype == torch.long
+    assert conditions["label"].device == seeds.device
+    assert generation_conditions(seeds.to(torch.int32), 4)["label"].dtype == torch.long
+    assert generation_conditions(seeds, 0) == {}
+    with pytest.raises(ValueError, match="num_classes must be >= 0, got -2"):
+        generation_conditions(seeds, -2)
+    dm = _Ramp()
+    assert dm.generation_conditions(seeds)["label"].tolist() == [0, 1, 1, 2, 2]  # num_classes = 3
+
+
+def test_draw_pool_is_the_counter_seeded_subset_the_ot_callback_drew() -> None:
+    from lightning_dpmot.data import DigitsDataModule
+    from lightning_dpmot.utils.random import make_generator
+
+    dm = DigitsDataModule(batch_size=32, x_flip=True)
+    dataset = dm.dataset("train")
+    pool = dm.draw_pool(64, rank=1, pool_index=3)
+    # The OT callback's former rule: randperm keyed by (seed, rank, pool, 21), coins of "epoch" 1_000_000 + pool.
+    idx = torch.randperm(len(dataset), generator=make_generator(0, 1, 3, 21))[:64]
+    assert torch.equal(pool["index"], idx)
+    assert torch.equal(pool["label"], torch.stack([dataset[int(i)]["label"] for i in idx]))
+    x = torch.stack([dataset[int(i)]["x"] for i in idx])
+    flip = x_flip_mask(idx, len(dataset), 0, 1_000_000 + 3).reshape(-1, 1, 1, 1)
+    assert torch.equal(pool["x"], torch.where(flip, x.flip(-1), x)) and 0 < int(flip.sum()) < 64
+    assert not torch.equal(dm.draw_pool(64, rank=0, pool_index=3)["index"], idx)  # ranks draw different pools
+    with pytest.raises(ValueError, match=r"pool_size=5000 exceeds the training split \(1528 items\)"):
+        dm.draw_pool(5000, rank=0, pool_index=0)
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def make_solver(args: argparse.Namespace, device: torch.device, antithetic: bool
 
 def bare_matmul(solver: SemiDiscreteOT, num_samples: int) -> Callable[[], None]:
     """(M x d) @ (d x N) in the solver's row and column blocks, into preallocated outputs."""
-    b, bt, n = solver.chunk_size, solver.target_chunk_size, solver.num_targets
+    b, bt, n = solver.config.chunk_size, solver.config.target_chunk_size, solver.num_targets
     x = torch.randn(b, solver.dim, device=solver.targets.device)
     out = torch.empty(b, min(bt, n), device=x.device)
     blocks = [(s, min(bt, n - s)) for s in range(0, n, bt)]
@@ -87,16 +87,16 @@ def rng_only(solver: SemiDiscreteOT, num_samples: int) -> Callable[[], None]:
     device = solver.targets.device
 
     def run() -> None:
-        for c in range(-(-num_samples // solver.chunk_size)):
-            gen = chunk_generator(solver.seed, 0, 0, c, device=device)
-            sample_source(solver.source, solver.chunk_size, solver.dim, gen, device=device)
+        for c in range(-(-num_samples // solver.config.chunk_size)):
+            gen = chunk_generator(solver.config.seed, 0, 0, c, device=device)
+            sample_source(solver.config.source, solver.config.chunk_size, solver.dim, gen, device=device)
 
     return run
 
 
 def fold_variants(solver: SemiDiscreteOT) -> dict[str, Callable[[], object]]:
     """Three ways to form one (chunk x target block) score block with h added, followed by the row max."""
-    b, bt = solver.chunk_size, min(solver.target_chunk_size, solver.num_targets)
+    b, bt = solver.config.chunk_size, min(solver.config.target_chunk_size, solver.num_targets)
     x = torch.randn(b, solver.dim, device=solver.targets.device)
     y, h = solver.targets[:bt], solver.h[:bt]
     ones = torch.ones(b, 1, device=x.device)

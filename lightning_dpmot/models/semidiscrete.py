@@ -286,7 +286,7 @@ class SemiDiscreteOTModule(L.LightningModule):
         if iteration % self.hparams.eval_every == 0:
             evaluation = self.evaluate()
             # SemiDiscreteOT.fit's rule: the step's own (pre-update) error gates the held-out decision
-            gate = diag["rel_rms_err"] <= solver.tol and diag["empty_cells"] == 0
+            gate = diag["rel_rms_err"] <= solver.config.tol and diag["empty_cells"] == 0
             self.converged = gate and solver.is_converged(evaluation)
             self.log("ot_eval/converged", float(self.converged), batch_size=1)
             if self.converged and self.hparams.stop_when_converged:

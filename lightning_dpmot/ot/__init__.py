@@ -10,7 +10,7 @@ from lightning_dpmot.ot.latent_targets import (
     targets_from_model,
     targets_from_samples,
 )
-from lightning_dpmot.ot.semidiscrete import SemiDiscreteOT
+from lightning_dpmot.ot.semidiscrete import SemiDiscreteConfig, SemiDiscreteOT
 from lightning_dpmot.ot.semidiscrete_maps import (
     MAP_NAMES,
     AEOTMap,
@@ -35,6 +35,7 @@ __all__ = [
     "LatentTargets",
     "MapResult",
     "RenoiseMap",
+    "SemiDiscreteConfig",
     "SemiDiscreteMap",
     "SemiDiscreteOT",
     "SoftMap",

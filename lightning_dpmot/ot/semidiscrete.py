@@ -35,14 +35,18 @@ ignored. TF32/bf16 matmuls mis-assign samples near cell faces: on GPUs call
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_dpmot.ot import checks
+from lightning_dpmot.ot.costs import ldexp
 from lightning_dpmot.ot.power_cells import (
     EVAL_STREAM,
     SOURCE_STD,
@@ -58,6 +62,7 @@ from lightning_dpmot.ot.power_cells import (
     score_workspace,
 )
 from lightning_dpmot.ot.semidiscrete_fit import fit_loop, mass_diagnostics
+from lightning_dpmot.utils.distributed import all_reduce_sum
 
 Criterion = Literal["rms", "max"]
 
@@ -71,69 +76,170 @@ Criterion = Literal["rms", "max"]
 DEFAULT_RELATIVE_LR = 0.02
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` in place over the ``torch.distributed`` group when one of size > 1 is running."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+#: Targets whose largest entry exceeds 2^_SCORE_SCALE_EXPONENT (or is below its inverse) are rescaled by a power of
+#: two inside :attr:`SemiDiscreteOT.score_scale`, whose fp32 squares would overflow (1e20-scale targets) or underflow.
+_SCORE_SCALE_EXPONENT = 60
+
+#: Admissible range of the bound ``max_i ||y_i|| * (sigma_x sqrt(d) + 10)`` on the fp32 scores ``<x, y_i>``: far below
+#: the fp32 maximum (3.4e38), leaving room for h and the tails of the source, and far above the subnormal range
+#: (< 1.2e-38), where score differences lose their precision (measured: cells drift from ~1e-38 on).
+MAX_SCORE_BOUND = 2.0**100
+MIN_SCORE_BOUND = 2.0**-100
 
 
-def _check_settings(
-    chunk_size: int,
-    target_chunk_size: int,
-    eval_factor: int,
-    antithetic: bool,
-    lr: float | None,
-    betas: tuple[float, float],
-    lr_decay: float,
-    criterion: str,
-    tol: float,
-) -> None:
-    sizes = {"chunk_size": chunk_size, "target_chunk_size": target_chunk_size, "eval_factor": eval_factor}
-    for name, value in sizes.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-    if antithetic and chunk_size % 2:
-        raise ValueError(f"antithetic sampling needs an even chunk_size, got {chunk_size}")
-    if lr is not None and not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-        raise ValueError(f"betas must lie in [0, 1), got {betas}")
-    if not 0.0 < lr_decay <= 1.0:
-        raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay}")
-    if criterion not in ("rms", "max"):
-        raise ValueError(f"criterion must be 'rms' or 'max', got {criterion!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+@dataclass(frozen=True)
+class SemiDiscreteConfig:
+    """Settings of the semi-discrete OT solver (one typed config for :class:`SemiDiscreteOT` and the Lightning module).
+
+    Every field is validated on construction (``ValueError`` naming the field: NaN, infinite, negative or
+    out-of-range values never reach the solver). In YAML, a nested mapping: ``solver: {lr: 0.02, num_mc_samples: ...}``.
+
+    Args:
+        source: ``"gaussian"`` (mu = N(0, I)) or ``"uniform"`` (mu = the cube [-1/2, 1/2]^d).
+        lr: Adam step size on h; ``None``: ``DEFAULT_RELATIVE_LR * score_scale``.
+        num_mc_samples: Monte Carlo samples per iteration M, rounded up to whole chunks; ``None``: 10 N.
+        chunk_size: samples per chunk (one RNG draw and one GEMM row block); part of the MC stream definition.
+        target_chunk_size: targets per GEMM block; peak memory ~ chunk_size x target_chunk_size floats.
+        betas: Adam (beta1, beta2), each in [0, 1).
+        eps: Adam epsilon (> 0).
+        bias_correction: Adam bias correction (the released DPM-OT code has none: set False for parity).
+        patience: iterations without a new best g-norm before M doubles and lr decays (>= 0).
+        max_doublings: at most this many doublings of M (>= 0).
+        lr_decay: lr factor applied at each doubling, in (0, 1].
+        tol: convergence tolerance of ``fit`` on the held-out mass error (see ``criterion``), > 0.
+        criterion: ``"rms"``: debiased relative RMS cell-mass error <= tol; ``"max"``: max relative error <= tol. Both
+            also require no empty cell.
+        eval_factor: held-out evaluation uses ``eval_factor * M`` samples (>= 1).
+        seed: seed of the Monte Carlo streams. ``None``: 0 in :class:`SemiDiscreteOT`; the module's ``seed`` (which
+            also seeds its targets) in :class:`~lightning_dpmot.models.semidiscrete.SemiDiscreteOTModule`.
+        antithetic: also use the reflections -x of every sample (free: same GEMM, scores h - <x, y>); unbiased because
+            mu is symmetric; needs an even ``chunk_size``.
+    """
+
+    source: Source = "gaussian"
+    lr: float | None = None
+    num_mc_samples: int | None = None
+    chunk_size: int = 8192
+    target_chunk_size: int = 8192
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    bias_correction: bool = True
+    patience: int = 50
+    max_doublings: int = 3
+    lr_decay: float = 0.8
+    tol: float = 0.05
+    criterion: Criterion = "rms"
+    eval_factor: int = 4
+    seed: int | None = None
+    antithetic: bool = False
+
+    def __post_init__(self) -> None:
+        check_source(self.source)
+        fields: dict[str, Any] = {
+            "lr": None if self.lr is None else checks.positive("lr", self.lr),
+            "num_mc_samples": None
+            if self.num_mc_samples is None
+            else checks.integer("num_mc_samples", self.num_mc_samples, 1),
+            "chunk_size": checks.integer("chunk_size", self.chunk_size, 1),
+            "target_chunk_size": checks.integer("target_chunk_size", self.target_chunk_size, 1),
+            "betas": self._betas(self.betas),
+            "eps": checks.positive("eps", self.eps),
+            "patience": checks.integer("patience", self.patience, 0),
+            "max_doublings": checks.integer("max_doublings", self.max_doublings, 0),
+            "lr_decay": checks.positive("lr_decay", self.lr_decay),
+            "tol": checks.positive("tol", self.tol),
+            "eval_factor": checks.integer("eval_factor", self.eval_factor, 1),
+            "seed": None if self.seed is None else checks.integer("seed", self.seed, -(2**63)),
+        }
+        if fields["lr_decay"] > 1.0:
+            raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
+        for name in ("bias_correction", "antithetic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.criterion not in ("rms", "max"):
+            raise ValueError(f"criterion must be 'rms' or 'max', got {self.criterion!r}")
+        if self.antithetic and fields["chunk_size"] % 2:
+            raise ValueError(f"antithetic sampling needs an even chunk_size, got {self.chunk_size}")
+        for name, value in fields.items():  # canonical types (YAML and old checkpoints give lists, integral floats)
+            object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _betas(betas: Any) -> tuple[float, float]:
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        pair = (checks.finite("betas[0]", betas[0]), checks.finite("betas[1]", betas[1]))
+        if not (0.0 <= pair[0] < 1.0 and 0.0 <= pair[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+        return pair
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the settings, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> SemiDiscreteConfig:
+        """The config of a plain mapping (YAML, checkpoint hyperparameters); unknown keys raise ``ValueError``."""
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown semi-discrete solver setting(s) {unknown}; valid: {', '.join(cls.field_names())}"
+            )
+        return cls(**settings)
+
+    def replace(self, **overrides: Any) -> SemiDiscreteConfig:
+        """A copy with some settings changed (validated again); unknown names raise ``ValueError``."""
+        if not overrides:
+            return self
+        return SemiDiscreteConfig.from_mapping({**self.as_dict(), **overrides})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain ``{name: value}`` (YAML- and ``torch.load(weights_only=True)``-safe), ``betas`` as a list."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def _check_score_range(targets: Tensor, source: str) -> None:
+    """``ValueError`` if the fp32 scores ``<x, y_i>`` of typical source samples could overflow or turn subnormal.
+
+    ``|<x, y_i>| <= ||x|| ||y_i||``, ``||y_i|| <= sqrt(d) max |y_ik|`` and ``||x||`` stays below
+    ``sigma_x sqrt(d) + 10`` for all practical samples; the bound must lie in
+    [:data:`MIN_SCORE_BOUND`, :data:`MAX_SCORE_BOUND`] = [2^-100, 2^100] (or be 0: all targets at the origin). The
+    power cells are invariant to scaling the targets and h together, so rescaling the targets loses nothing.
+    """
+    root_d = math.sqrt(targets.shape[1])
+    max_norm = float(targets.abs().max()) * root_d  # >= max_i ||y_i||, with no (N, d) temporary
+    bound = max_norm * (SOURCE_STD[source] * root_d + 10.0)
+    if bound > MAX_SCORE_BOUND or 0.0 < bound < MIN_SCORE_BOUND:
+        size = "large" if bound > 1.0 else "small"
+        raise ValueError(
+            f"targets are too {size} for fp32 scores: ||y_i|| up to {max_norm:.3g} in d = {targets.shape[1]} gives "
+            f"scores <x, y_i> of ~{bound:.3g} (need between {MIN_SCORE_BOUND:.3g} and {MAX_SCORE_BOUND:.3g}); rescale "
+            "the targets (the power cells of a * y with heights a * h are those of y with h)"
+        )
 
 
 class SemiDiscreteOT(nn.Module):
     """Semi-discrete OT potential h between a noise source and N weighted targets, fitted by Monte Carlo Adam.
 
+    Construction: ``SemiDiscreteOT(targets, config=SemiDiscreteConfig(...))``, or with keyword overrides of the
+    config's fields, ``SemiDiscreteOT(targets, lr=0.05, num_mc_samples=8192)`` (applied on top of ``config`` or the
+    defaults). The resolved settings are :attr:`config` (``seed=None`` becomes 0).
+
     Args:
-        targets: (N, d) target points y_i (stored as fp32; must be finite).
+        targets: (N, d) target points y_i (stored as fp32; must be finite, and small enough that the fp32 scores
+            ``<x, y_i>`` cannot overflow: see :data:`MAX_SCORE_BOUND`).
         masses: (N,) target masses nu_i, positive, summing to 1; uniform by default.
-        source: ``"gaussian"`` (N(0, I)) or ``"uniform"`` (cube [-1/2, 1/2]^d).
-        lr: Adam step size; default ``DEFAULT_RELATIVE_LR * score_scale``.
-        num_mc_samples: Monte Carlo samples per iteration M, rounded up to whole chunks; default 10 N.
-        chunk_size: samples per chunk (one RNG draw and one GEMM row block). Part of the MC stream definition.
-        target_chunk_size: targets per GEMM block; peak memory ~ chunk_size x target_chunk_size floats.
-        betas: Adam (beta1, beta2). eps: Adam epsilon.
-        bias_correction: Adam bias correction (the released code has none: set False for parity).
-        patience: iterations without a new best g-norm before M doubles and lr decays.
-        max_doublings: at most this many doublings of M.
-        lr_decay: lr factor applied at each doubling.
-        tol: convergence tolerance of :meth:`fit` on the held-out mass error (see ``criterion``).
-        criterion: ``"rms"``: debiased relative RMS cell-mass error <= tol; ``"max"``: max relative
-            error <= tol. Both also require no empty cell.
-        eval_factor: held-out evaluation uses ``eval_factor * M`` samples.
-        seed: seed of the Monte Carlo streams.
-        antithetic: also use the reflections -x of every sample (free: same GEMM, scores h - <x, y>); unbiased
-            because mu is symmetric, and never noisier per GEMM than independent samples.
+        config: the solver settings (:class:`SemiDiscreteConfig`); default ``SemiDiscreteConfig()``.
         all_reduce: sums a tensor over processes; default ``torch.distributed`` SUM when initialised,
             else identity.
         rank: process index override (default: ``torch.distributed`` rank, read at call time).
         world_size: process count override (default: ``torch.distributed`` world size).
+        **overrides: fields of :class:`SemiDiscreteConfig` replacing those of ``config``.
+
+    Raises:
+        ValueError: bad targets or masses, an unknown or invalid setting (named), or targets too large for fp32 scores.
     """
 
     targets: Tensor
@@ -152,55 +258,38 @@ class SemiDiscreteOT(nn.Module):
         self,
         targets: Tensor,
         masses: Tensor | None = None,
-        source: Source = "gaussian",
-        lr: float | None = None,
-        num_mc_samples: int | None = None,
-        chunk_size: int = 8192,
-        target_chunk_size: int = 8192,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        bias_correction: bool = True,
-        patience: int = 50,
-        max_doublings: int = 3,
-        lr_decay: float = 0.8,
-        tol: float = 0.05,
-        criterion: Criterion = "rms",
-        eval_factor: int = 4,
-        seed: int = 0,
-        antithetic: bool = False,
+        *,
+        config: SemiDiscreteConfig | None = None,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
+        if isinstance(masses, SemiDiscreteConfig):
+            raise ValueError("the second positional argument is the target masses: pass the settings as config=...")
+        config = (config or SemiDiscreteConfig()).replace(**overrides)
+        self.config = config if config.seed is not None else config.replace(seed=0)
         check_targets(targets)
-        check_source(source)
         n = targets.shape[0]
         nu = torch.full((n,), 1.0 / n, dtype=torch.float64) if masses is None else check_masses(masses, n)
-        _check_settings(chunk_size, target_chunk_size, eval_factor, antithetic, lr, betas, lr_decay, criterion, tol)
-        self.source, self.chunk_size, self.target_chunk_size = source, int(chunk_size), int(target_chunk_size)
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps, self.bias_correction = float(eps), bool(bias_correction)
-        self.patience, self.max_doublings, self.lr_decay = int(patience), int(max_doublings), float(lr_decay)
-        self.tol, self.criterion, self.eval_factor = float(tol), criterion, int(eval_factor)
-        self.seed, self.antithetic = int(seed), bool(antithetic)
         self.all_reduce = all_reduce
         self._rank, self._world_size = rank, world_size
 
         y = targets.detach().to(torch.float32).contiguous()
+        _check_score_range(y, self.config.source)
         self.register_buffer("targets", y)
         self.register_buffer("nu", nu.to(y.device))
         zeros = torch.zeros(n, dtype=torch.float32, device=y.device)
         self.register_buffer("h", zeros.clone())
         self.register_buffer("m", zeros.clone())
         self.register_buffer("v", zeros.clone())
-        m_default = 10 * n if num_mc_samples is None else int(num_mc_samples)
-        if m_default < 1:
-            raise ValueError(f"num_mc_samples must be positive, got {num_mc_samples}")
+        m_default = 10 * n if self.config.num_mc_samples is None else self.config.num_mc_samples
         scalar = dict(device=y.device)
         self.register_buffer("iteration", torch.tensor(0, dtype=torch.int64, **scalar))
         self.register_buffer("num_mc_samples", torch.tensor(self._round_to_chunks(m_default), **scalar))
-        lr_value = float(lr) if lr is not None else DEFAULT_RELATIVE_LR * (self.score_scale or 1.0)
+        lr = self.config.lr
+        lr_value = lr if lr is not None else DEFAULT_RELATIVE_LR * (self.score_scale or 1.0)
         self.register_buffer("lr", torch.tensor(lr_value, dtype=torch.float64, **scalar))
         self.register_buffer("best_g_norm", torch.tensor(math.inf, dtype=torch.float64, **scalar))
         self.register_buffer("stall", torch.tensor(0, dtype=torch.int64, **scalar))
@@ -225,13 +314,19 @@ class SemiDiscreteOT(nn.Module):
         sigma_x is the per-coordinate standard deviation of the source (1, or 1/sqrt(12) for the cube); y_bar
         is the nu-weighted mean. Invariant to translating the targets, like the cells.
         """
-        y_bar = self.nu.to(torch.float32) @ self.targets  # (d,)
+        # extreme magnitudes: an exact power-of-two rescaling keeps the fp32 squares finite (1e20-scale targets
+        # used to give inf, hence an inf lr and a NaN h); ordinary targets are used as they are (bit-identical)
+        peak = float(self.targets.abs().max())
+        exponent = math.frexp(peak)[1] if peak > 0.0 else 0
+        shift = -exponent if abs(exponent) > _SCORE_SCALE_EXPONENT else 0
+        targets = self.targets if shift == 0 else ldexp(self.targets, shift)
+        y_bar = self.nu.to(torch.float32) @ targets  # (d,)
         spread = 0.0
-        for start in range(0, self.num_targets, self.target_chunk_size):  # no (N, d) temporary
-            stop = start + self.target_chunk_size
-            sq = (self.targets[start:stop] - y_bar).square().sum(dim=1, dtype=torch.float64)
-            spread += float(self.nu[start:stop] @ sq)
-        return SOURCE_STD[self.source] * math.sqrt(spread)
+        chunk = self.config.target_chunk_size
+        for start in range(0, self.num_targets, chunk):  # no (N, d) temporary
+            sq = (targets[start : start + chunk] - y_bar).square().sum(dim=1, dtype=torch.float64)
+            spread += float(self.nu[start : start + chunk] @ sq)
+        return math.ldexp(SOURCE_STD[self.config.source] * math.sqrt(spread), -shift)
 
     @property
     def rank(self) -> int:
@@ -248,7 +343,7 @@ class SemiDiscreteOT(nn.Module):
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def _round_to_chunks(self, num_samples: int) -> int:
-        return math.ceil(num_samples / self.chunk_size) * self.chunk_size
+        return math.ceil(num_samples / self.config.chunk_size) * self.config.chunk_size
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SemiDiscreteOT:
         """Move like any module, but keep every buffer's dtype (the solver always computes in fp32/fp64)."""
@@ -263,10 +358,10 @@ class SemiDiscreteOT(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """Settings defining the Monte Carlo stream; checked on load so a resume cannot silently diverge."""
         return {
-            "source": self.source,
-            "chunk_size": self.chunk_size,
-            "seed": self.seed,
-            "antithetic": self.antithetic,
+            "source": self.config.source,
+            "chunk_size": self.config.chunk_size,
+            "seed": self.config.seed,
+            "antithetic": self.config.antithetic,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -278,9 +373,10 @@ class SemiDiscreteOT(nn.Module):
             raise ValueError(f"checkpoint was written with different Monte Carlo settings ({msg})")
 
     def extra_repr(self) -> str:
+        c = self.config
         return (
-            f"N={self.num_targets}, d={self.dim}, source={self.source}, M={int(self.num_mc_samples)}, "
-            f"chunk_size={self.chunk_size}, target_chunk_size={self.target_chunk_size}, seed={self.seed}"
+            f"N={self.num_targets}, d={self.dim}, source={c.source}, M={int(self.num_mc_samples)}, "
+            f"chunk_size={c.chunk_size}, target_chunk_size={c.target_chunk_size}, seed={c.seed}"
         )
 
     # ------------------------------------------------------------------ Monte Carlo cell masses
@@ -295,15 +391,15 @@ class SemiDiscreteOT(nn.Module):
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         n, device = self.num_targets, self.targets.device
-        num_chunks = math.ceil(num_samples / self.chunk_size)
-        draw = self.chunk_size // 2 if self.antithetic else self.chunk_size
+        num_chunks = math.ceil(num_samples / self.config.chunk_size)
+        draw = self.config.chunk_size // 2 if self.config.antithetic else self.config.chunk_size
         acc = torch.zeros(n + 2, dtype=torch.float64, device=device)
         x = torch.empty(draw, self.dim, device=device)  # reused: memory does not grow with the chunk count
-        ws = score_workspace(draw, n, self.target_chunk_size, self.antithetic, device)
+        ws = score_workspace(draw, n, self.config.target_chunk_size, self.config.antithetic, device)
         for c in range(self.rank, num_chunks, self.world_size):
-            gen = chunk_generator(self.seed, stream, iteration, c, device=device)
-            sample_source(self.source, draw, self.dim, gen, out=x)
-            val, idx = power_argmax(x, self.targets, self.h, self.target_chunk_size, self.antithetic, ws)
+            gen = chunk_generator(self.config.seed, stream, iteration, c, device=device)
+            sample_source(self.config.source, draw, self.dim, gen, out=x)
+            val, idx = power_argmax(x, self.targets, self.h, self.config.target_chunk_size, self.config.antithetic, ws)
             acc[:n] += torch.bincount(idx, minlength=n)
             acc[n] += val.sum(dtype=torch.float64)
             acc[n + 1] += idx.numel()
@@ -330,7 +426,7 @@ class SemiDiscreteOT(nn.Module):
 
         Returns the keys of :func:`semidiscrete_fit.mass_diagnostics` plus ``energy`` and ``num_samples``.
         """
-        m = self.eval_factor * int(self.num_mc_samples) if num_samples is None else int(num_samples)
+        m = self.config.eval_factor * int(self.num_mc_samples) if num_samples is None else int(num_samples)
         counts, value_sum, total = self._mc_statistics(m, int(self.iteration), EVAL_STREAM)
         diag = mass_diagnostics(counts, total, self.nu)
         diag["energy"] = value_sum / total - float(self.nu @ self.h.to(torch.float64))
@@ -339,8 +435,8 @@ class SemiDiscreteOT(nn.Module):
 
     def is_converged(self, diagnostics: dict[str, float], tol: float | None = None) -> bool:
         """The stopping rule on (held-out) diagnostics: no empty cell and the ``criterion`` error <= tol."""
-        tol = self.tol if tol is None else tol
-        key = "rel_rms_err" if self.criterion == "rms" else "max_rel_err"
+        tol = self.config.tol if tol is None else tol
+        key = "rel_rms_err" if self.config.criterion == "rms" else "max_rel_err"
         return diagnostics["empty_cells"] == 0 and diagnostics[key] <= tol
 
     # ------------------------------------------------------------------ optimisation
@@ -361,20 +457,21 @@ class SemiDiscreteOT(nn.Module):
         grad = (counts / total - self.nu).to(torch.float32)
         self._adam_update(grad, lr, t + 1)
         self.iteration += 1
+        self._check_potential()
         self._schedule(diag["g_norm"])
         diag.update(num_mc_samples=float(m_samples), lr=lr, iteration=float(t + 1))
         return diag
 
     def _adam_update(self, grad: Tensor, lr: float, t: int) -> None:
         """Adam on h (optionally without bias correction, as the released code), then ``h -= mean(h)``."""
-        beta1, beta2 = self.betas
+        beta1, beta2 = self.config.betas
         self.m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         self.v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        if self.bias_correction:
-            denom = (self.v / (1.0 - beta2**t)).sqrt_().add_(self.eps)
+        if self.config.bias_correction:
+            denom = (self.v / (1.0 - beta2**t)).sqrt_().add_(self.config.eps)
             self.h.addcdiv_(self.m, denom, value=-lr / (1.0 - beta1**t))
         else:
-            self.h.addcdiv_(self.m, self.v.sqrt().add_(self.eps), value=-lr)
+            self.h.addcdiv_(self.m, self.v.sqrt().add_(self.config.eps), value=-lr)
         self.h.sub_(self.h.mean())
 
     def _schedule(self, g_norm: float) -> None:
@@ -384,9 +481,9 @@ class SemiDiscreteOT(nn.Module):
             self.stall.zero_()
             return
         self.stall += 1
-        if int(self.stall) > self.patience and int(self.doublings) < self.max_doublings:
+        if int(self.stall) > self.config.patience and int(self.doublings) < self.config.max_doublings:
             self.num_mc_samples.mul_(2)
-            self.lr.mul_(self.lr_decay)
+            self.lr.mul_(self.config.lr_decay)
             self.best_g_norm.fill_(math.inf)
             self.stall.zero_()
             self.doublings += 1
@@ -410,17 +507,33 @@ class SemiDiscreteOT(nn.Module):
             ``{"converged": bool, "iterations": steps run, "last_step": dict, "evaluation": held-out dict,
             "history": list of step dicts}``.
         """
-        tol = self.tol if tol is None else float(tol)
+        tol = self.config.tol if tol is None else float(tol)
         return fit_loop(self, max_iterations, tol, eval_every, eval_num_samples, progress and self.rank == 0)
 
     # ------------------------------------------------------------------ the map
 
     def _check_noise(self, x: Tensor) -> Tensor:
+        """x as (B, d) fp32 on the targets' device; ``ValueError`` for a wrong shape or non-finite entries (a NaN
+        sample has no power cell: argmax over NaN scores used to return cell 0 and a real target)."""
         if not isinstance(x, Tensor) or x.ndim != 2:
             raise ValueError(f"noise x must be a 2-D tensor (B, d), got shape {tuple(getattr(x, 'shape', ()))}")
         if x.shape[1] != self.dim:
             raise ValueError(f"noise x has dimension {x.shape[1]} but the targets have dimension {self.dim}")
-        return x.to(device=self.targets.device, dtype=torch.float32)
+        x = x.to(device=self.targets.device, dtype=torch.float32)
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        if bad:
+            raise ValueError(f"noise x is non-finite: {bad} of {x.shape[0]} samples contain NaN or infinite values")
+        self._check_potential()
+        return x
+
+    def _check_potential(self) -> None:
+        """``RuntimeError`` if h has non-finite entries (every score would be NaN and every cell 0)."""
+        bad = int((~torch.isfinite(self.h)).sum())
+        if bad:
+            raise RuntimeError(
+                f"the potential h has {bad} non-finite entries after {int(self.iteration)} iterations: the solver "
+                "diverged (lower lr) or was loaded from a corrupt state"
+            )
 
     @torch.no_grad()
     def assign(self, x: Tensor) -> Tensor:
@@ -428,11 +541,13 @@ class SemiDiscreteOT(nn.Module):
         x = self._check_noise(x)
         out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         ws = score_workspace(
-            min(self.chunk_size, x.shape[0]), self.num_targets, self.target_chunk_size, False, x.device
+            min(self.config.chunk_size, x.shape[0]), self.num_targets, self.config.target_chunk_size, False, x.device
         )
-        for start in range(0, x.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
-            out[start:stop] = power_argmax(x[start:stop], self.targets, self.h, self.target_chunk_size, False, ws)[1]
+        for start in range(0, x.shape[0], self.config.chunk_size):
+            stop = start + self.config.chunk_size
+            out[start:stop] = power_argmax(
+                x[start:stop], self.targets, self.h, self.config.target_chunk_size, False, ws
+            )[1]
         return out
 
     @torch.no_grad()
@@ -442,8 +557,8 @@ class SemiDiscreteOT(nn.Module):
         if not 1 <= k <= self.num_targets:
             raise ValueError(f"k must be in [1, {self.num_targets}], got {k}")
         parts = [
-            power_topk(x[s : s + self.chunk_size], self.targets, self.h, k, self.target_chunk_size)
-            for s in range(0, x.shape[0], self.chunk_size)
+            power_topk(x[s : s + self.config.chunk_size], self.targets, self.h, k, self.config.target_chunk_size)
+            for s in range(0, x.shape[0], self.config.chunk_size)
         ]
         if not parts:
             return x.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=x.device)

@@ -95,9 +95,9 @@ def fit_loop(
     """Step ``solver`` until its held-out diagnostics pass ``solver.is_converged(..., tol)`` (see ``fit``)."""
     if max_iterations < 0 or eval_every < 1:
         raise ValueError(f"need max_iterations >= 0 and eval_every >= 1, got {max_iterations} and {eval_every}")
-    if solver.criterion == "max":
-        m_eval = eval_num_samples or solver.eval_factor * int(solver.num_mc_samples)
-        floor = max_rel_noise_floor(solver.nu, math.ceil(m_eval / solver.chunk_size) * solver.chunk_size)
+    if solver.config.criterion == "max":
+        m_eval = eval_num_samples or solver.config.eval_factor * int(solver.num_mc_samples)
+        floor = max_rel_noise_floor(solver.nu, math.ceil(m_eval / solver.config.chunk_size) * solver.config.chunk_size)
         if tol <= floor:
             raise ValueError(
                 f"tol={tol:.3g} is below the Monte Carlo noise floor {floor:.3g} of the max relative error "

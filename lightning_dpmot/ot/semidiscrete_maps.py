@@ -102,7 +102,7 @@ class SemiDiscreteMap(nn.Module):
     def sample_noise(self, generators: list[torch.Generator]) -> Tensor:
         """One source sample per generator, (B, d) fp32 (Gaussian or centred cube, as the solver was fitted)."""
         device = self.targets.device
-        rows = [sample_source(self.solver.source, 1, self.solver.dim, g, device=device) for g in generators]
+        rows = [sample_source(self.solver.config.source, 1, self.solver.dim, g, device=device) for g in generators]
         return torch.cat(rows) if rows else torch.empty(0, self.solver.dim, device=device)
 
     def forward(self, noise: Tensor, generator: torch.Generator | NoiseSource | None = None) -> MapResult:
@@ -273,7 +273,7 @@ class AEOTMap(_TopKMap):
             raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
         self.angle_threshold, self.lam = float(angle_threshold), float(lam)
         gen = make_generator(calibration_seed, _CALIBRATION)
-        x = sample_source(solver.source, calibration_samples, solver.dim, gen).to(solver.targets.device)
+        x = sample_source(solver.config.source, calibration_samples, solver.dim, gen).to(solver.targets.device)
         theta = self.angles(self.solver.topk(x, self.k)[1])
         self.register_buffer("theta_range", torch.stack([theta.min(), theta.max()]), persistent=False)
 

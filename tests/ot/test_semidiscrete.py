@@ -24,7 +24,7 @@ SQUARE = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
 
 def quadrature_masses(solver: SemiDiscreteOT, h: Tensor | None = None, points: int = 1201) -> Tensor:
     """Cell masses of a 2-D solver by tensor-grid quadrature of its source (no Monte Carlo), (N,) float64."""
-    if solver.source == "gaussian":
+    if solver.config.source == "gaussian":
         axis = torch.linspace(-7.0, 7.0, points, dtype=torch.float64)
         weight_1d = torch.from_numpy(norm.pdf(axis.numpy()))
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -24,8 +23,6 @@ from lightning_dpmot.ot.semidiscrete_maps import (
 from lightning_dpmot.utils.random import StackedGenerator, make_generator
 
 N, D, SIGMA = 40, 6, 0.3
-
-
 
 
 @pytest.fixture

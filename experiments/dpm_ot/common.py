@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_dpmot.models.base import _PREDICT_STREAM
+from lightning_dpmot.models.generation import PREDICT_STREAM
 from lightning_dpmot.models.dpm_ot import _OT_NOISE, _RENOISE, DPMOTModule
 from lightning_dpmot.sampling.spec import SamplerSpec
 from lightning_dpmot.utils.random import StackedGenerator, make_generator, mix_seed
@@ -31,7 +31,7 @@ def expressway_unclamped(module: DPMOTModule, seeds: Tensor, spec: SamplerSpec) 
     mapped = module.ot_map(noise, renoise)
     map_seconds = time.perf_counter() - start
     latents = mapped.latents.unflatten(1, module.data_shape)
-    churn = StackedGenerator(seeds + _PREDICT_STREAM)
+    churn = StackedGenerator(seeds + PREDICT_STREAM)
     start = time.perf_counter()
     result = module.inner.sample_from(latents.double(), sigmas, spec=spec, generator=churn)
     return result.x.float(), mapped.index, map_seconds, time.perf_counter() - start

@@ -16,6 +16,8 @@ checkpoints use EMA weights — and restores both copies on resume). What it add
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -106,6 +108,21 @@ class EMAHalfLife(WeightAveraging):
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None and self.swapped_in:
+            self._swap_models(pl_module)
+            self.swapped_in = False
+
+    @contextlib.contextmanager
+    def averaged_weights(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """The EMA weights in ``pl_module`` for the duration of the block (no-op when they are in already or no
+        average exists yet); restored in a ``finally``. Used by the modules' ``sampling_mode``."""
+        if self._average_model is None or self.swapped_in:
+            yield
+            return
+        self._swap_models(pl_module)
+        self.swapped_in = True
+        try:
+            yield
+        finally:
             self._swap_models(pl_module)
             self.swapped_in = False
 

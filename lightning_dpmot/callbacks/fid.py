@@ -23,10 +23,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_dpmot.callbacks.reference import prepare_reference
+from lightning_dpmot.diffusion.guidance import GuidanceSpec
 from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind
 from lightning_dpmot.metrics.reference_stats import to_unit_range
-from lightning_dpmot.models.base import rank_seeds
 from lightning_dpmot.sampling.spec import SamplerSpec
+from lightning_dpmot.utils.distributed import rank_seeds
 
 
 def metric_key(metric: str, spec: SamplerSpec, specs: list[SamplerSpec]) -> str:
@@ -40,6 +41,7 @@ class FIDCallback(L.Callback):
 
     Args:
         samplers: settings to evaluate (default: the model's own ``sampler``).
+        guidance: guidance of the generated samples (default: the model's own ``guidance``).
         num_samples: generated samples per setting (EDM's protocol uses 50,000; fewer is noisier and biased up).
         every_n_validations: evaluate after every n-th validation run (sanity checks excluded).
         feature: "auto", "inception" or "classifier" (see ``lightning_dpmot.metrics.extractors``).
@@ -55,6 +57,7 @@ class FIDCallback(L.Callback):
     def __init__(
         self,
         samplers: list[SamplerSpec] | None = None,
+        guidance: GuidanceSpec | None = None,
         num_samples: int = 5000,
         every_n_validations: int = 1,
         feature: FeatureKind = "auto",
@@ -71,7 +74,7 @@ class FIDCallback(L.Callback):
             raise ValueError(f"num_samples must be >= 2, got {num_samples}")
         if kid and num_samples < kid_subset_size:
             raise ValueError(f"kid needs num_samples >= kid_subset_size ({num_samples} < {kid_subset_size})")
-        self.samplers = samplers
+        self.samplers, self.guidance = samplers, guidance
         self.num_samples, self.every_n_validations, self.feature_kind = num_samples, every_n_validations, feature
         self.real_split, self.kid, self.kid_subset_size = real_split, kid, kid_subset_size
         self.batch_size, self.seed_offset = batch_size, seed_offset
@@ -120,7 +123,7 @@ class FIDCallback(L.Callback):
             self._fid.reset()
             if self._kid is not None:
                 self._kid.reset()
-            for _, sample in pl_module.generate_many(seeds, self.batch_size, spec):
+            for _, _, sample in pl_module.generate_many(seeds, self.batch_size, spec, self.guidance):
                 images = to_unit_range(sample.x.float())
                 self._fid.update(images, real=False)
                 if self._kid is not None:
@@ -137,7 +140,7 @@ class FIDCallback(L.Callback):
         self.validations += 1
         if self.validations % self.every_n_validations:
             return
-        results = self.evaluate(trainer, pl_module)  # EMA weights are swapped in (EMAHalfLife)
+        results = self.evaluate(trainer, pl_module)  # generate() swaps EMA weights in (sampling_mode)
         images_seen = pl_module.images_seen() if hasattr(pl_module, "images_seen") else trainer.global_step
         for key, value in results.items():
             pl_module.log(key, value, sync_dist=False)  # identical on every rank

@@ -34,20 +34,8 @@ from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind
 from lightning_dpmot.metrics.mode_mixture import mode_mixture_rate
 from lightning_dpmot.metrics.precision_recall import precision_recall
 from lightning_dpmot.metrics.reference_stats import ReferenceStats, to_unit_range
-from lightning_dpmot.models.base import rank_seeds
 from lightning_dpmot.sampling.spec import SamplerName, SamplerSpec
-from lightning_dpmot.utils.random import StackedGenerator
-
-
-def gather_rows(trainer: L.Trainer, rows: Tensor) -> Tensor:
-    """Concatenate every rank's (n_r, d) rows in rank order (collective; ranks may hold different n_r)."""
-    if trainer.world_size == 1:
-        return rows
-    counts = trainer.strategy.all_gather(torch.tensor([len(rows)], device=rows.device)).reshape(-1)
-    padded = rows.new_zeros((int(counts.max()), *rows.shape[1:]))
-    padded[: len(rows)] = rows
-    gathered = trainer.strategy.all_gather(padded)
-    return torch.cat([gathered[r, : int(counts[r])] for r in range(trainer.world_size)])
+from lightning_dpmot.utils.distributed import gather_rows, rank_seeds
 
 
 def sweep_specs(
@@ -184,9 +172,9 @@ class NFESweep(L.Callback):
             seeds = rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size, r * self.num_samples)
             feats, probs, pixels = [], [], []
             for chunk in seeds.split(self.batch_size):
-                labels = chunk % pl_module.num_classes if pl_module.class_conditional else None
+                cond = pl_module.generation_conditions(chunk)
                 start = time.perf_counter()
-                sample = pl_module.generate(chunk, labels, spec)
+                sample = pl_module.generate(chunk, cond, spec)
                 seconds += time.perf_counter() - start
                 images = to_unit_range(sample.x.float())
                 fid.update(images, real=False)
@@ -236,17 +224,15 @@ class NFESweep(L.Callback):
         return self._train_images, self._train_nn
 
     def measure_curvature(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """Straightness of Heun trajectories on a fine rho = 7 grid (rank 0, no collectives)."""
+        """Straightness of the module's own Heun trajectories on a fine rho = 7 grid (rank 0, no collectives).
+
+        The trajectories are recorded through ``generate``'s step callback, so they start where the module's
+        generation starts (DPM-OT: the OT-mapped latents at sigma_s, not Gaussian noise).
+        """
         spec = SamplerSpec("heun", num_steps=self.curvature_steps)
         seeds = torch.arange(self.curvature_samples) + 10_000_000
-        sigmas = pl_module.sigmas_for(spec).to(pl_module.device)
-        x = StackedGenerator(seeds, device=pl_module.device).randn(pl_module.data_shape).double() * sigmas[0]
-        labels = seeds.to(pl_module.device) % pl_module.num_classes if pl_module.class_conditional else None
-        recorder = TrajectoryRecorder(x)
-        was_training = pl_module.training
-        pl_module.eval()
-        pl_module.sample_from(x, sigmas, labels=labels, spec=spec, callback=recorder)
-        pl_module.train(was_training)
+        recorder = TrajectoryRecorder()
+        pl_module.generate(seeds, pl_module.generation_conditions(seeds), spec, callback=recorder)
         metrics = mean_trajectory_metrics(*recorder.stack())
         return {**metrics, "num_samples": self.curvature_samples, "heun_steps": self.curvature_steps}
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
-from lightning_dpmot.callbacks.ema import ema_module
+from lightning_dpmot.models.generation import GenerativeModule
 from lightning_dpmot.sampling.spec import SamplerSpec
 from lightning_dpmot.utils.images import make_grid, save_png, save_scatter
 
@@ -63,14 +63,12 @@ class SampleGrid(L.Callback):
         if trainer.fast_dev_run:
             return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        if trainer.is_global_zero:
-            self.last_path = self.write(trainer, ema_module(trainer, pl_module), out_dir, name="final.png")
+        if trainer.is_global_zero:  # generate() runs under the module's sampling_mode: EMA weights swapped in
+            self.last_path = self.write(trainer, pl_module, out_dir, name="final.png")
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path, name: str | None = None) -> Path:
+    def write(self, trainer: L.Trainer, pl_module: GenerativeModule, out_dir: Path, name: str | None = None) -> Path:
         seeds = torch.arange(self.seed_offset, self.seed_offset + self.num_samples)
-        num_classes = getattr(pl_module, "num_classes", 0)
-        labels = seeds % num_classes if num_classes else None
-        result = pl_module.generate(seeds, labels, self.sampler)
+        result = pl_module.generate(seeds, pl_module.generation_conditions(seeds), self.sampler)
         path = out_dir / (name or f"step={trainer.global_step:08d}.png")
         if result.x.ndim == 4:
             grid = make_grid(result.x)

@@ -1,6 +1,8 @@
-"""Noise levels shared by all models: the denoiser interface, EDM preconditioning, and discrete VP schedules."""
+"""Noise levels shared by all models: the denoiser interface, conditioning mappings, guidance wrappers, EDM
+preconditioning, and discrete VP schedules."""
 
-from lightning_dpmot.diffusion.denoiser import CFGDenoiser, CountingDenoiser, Denoiser, append_dims
+from lightning_dpmot.diffusion.conditioning import ClassConditioner, Cond, Conditioner, cond_cat
+from lightning_dpmot.diffusion.denoiser import CountingDenoiser, Denoiser, append_dims
 from lightning_dpmot.diffusion.edm import (
     EDMPrecond,
     edm_loss,
@@ -8,16 +10,22 @@ from lightning_dpmot.diffusion.edm import (
     edm_precond,
     sample_sigma_lognormal,
 )
+from lightning_dpmot.diffusion.guidance import CFGDenoiser, GuidanceSpec
 from lightning_dpmot.diffusion.vp import VPEpsDenoiser, VPSchedule, cosine_betas, linear_betas
 
 __all__ = [
     "CFGDenoiser",
+    "ClassConditioner",
+    "Cond",
+    "Conditioner",
     "CountingDenoiser",
     "Denoiser",
     "EDMPrecond",
+    "GuidanceSpec",
     "VPEpsDenoiser",
     "VPSchedule",
     "append_dims",
+    "cond_cat",
     "cosine_betas",
     "edm_loss",
     "edm_loss_weight",

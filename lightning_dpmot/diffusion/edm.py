@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.denoiser import append_dims
 
 
@@ -68,40 +69,43 @@ def sample_sigma_lognormal(
 
 
 class EDMPrecond(nn.Module):
-    """Wraps a raw network F (project net interface) into the EDM denoiser D(x; sigma).
+    """Wraps a raw network F (project net interface) into the EDM denoiser D(x; sigma, cond).
 
     Args:
-        net: network with ``forward(x, noise_labels, class_labels)``.
+        raw_net: the raw network F with ``forward(x, noise_labels, cond)``.
         sigma_data: data standard deviation (0.5 for images in [-1, 1]).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+    def __init__(self, raw_net: nn.Module, sigma_data: float = 0.5) -> None:
         super().__init__()
-        self.net = net
+        if not sigma_data > 0 or sigma_data == float("inf"):
+            raise ValueError(f"sigma_data must be a finite positive number, got {sigma_data}")
+        self.raw_net = raw_net
         self.sigma_data = sigma_data
 
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         """x: (B, *S) noisy samples; sigma: (B,) or scalar; returns D(x; sigma) with x's shape and dtype."""
         dtype = x.dtype
         x = x.float()
         sigma = sigma.float().reshape(-1).expand(x.shape[0])
         c = edm_precond(sigma, self.sigma_data)
-        F_x = self.net(append_dims(c.c_in, x.ndim) * x, c.c_noise, class_labels)
+        F_x = self.raw_net(append_dims(c.c_in, x.ndim) * x, c.c_noise, cond)
         D_x = append_dims(c.c_skip, x.ndim) * x + append_dims(c.c_out, x.ndim) * F_x.float()
         return D_x.to(dtype)
 
 
-def edm_loss(denoiser: EDMPrecond, y: Tensor, n: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+def edm_loss(denoiser: EDMPrecond, y: Tensor, n: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
     """Per-sample EDM loss: lambda(sigma) * ||D(y + sigma n; sigma) - y||^2 summed over the sample's elements.
 
     Args:
         denoiser: the preconditioned denoiser.
-        y: (B, *S) clean data; n: (B, *S) unit Gaussian noise (possibly OT-assigned); sigma: (B,).
+        y: (B, *S) clean data; n: (B, *S) unit Gaussian noise (possibly OT-assigned); sigma: (B,);
+        cond: condition mapping of (B, ...) tensors or None.
     Returns:
         (B,) loss per sample (EDM sums over pixels and averages over the batch).
     """
     x = y + append_dims(sigma, y.ndim) * n
-    D_x = denoiser(x, sigma, class_labels)
+    D_x = denoiser(x, sigma, cond)
     weight = edm_loss_weight(sigma, denoiser.sigma_data)
     return weight * (D_x - y).square().flatten(1).sum(1)
 

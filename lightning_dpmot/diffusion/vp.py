@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.denoiser import append_dims
 
 BetaSchedule = Literal["linear", "cosine"]
@@ -102,20 +103,20 @@ class VPEpsDenoiser(nn.Module):
     D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)).
 
     Args:
-        net: network with ``forward(x_vp, t, class_labels)`` predicting eps.
+        raw_net: the raw network eps_theta with ``forward(x_vp, t, cond)`` predicting eps.
         schedule: the VP schedule the network was trained with.
     """
 
-    def __init__(self, net: nn.Module, schedule: VPSchedule) -> None:
+    def __init__(self, raw_net: nn.Module, schedule: VPSchedule) -> None:
         super().__init__()
-        self.net = net
+        self.raw_net = raw_net
         self.schedule = schedule
 
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         """x: (B, *S) in sigma space; sigma: (B,) or scalar. Returns the x0 estimate with x's dtype."""
         dtype = x.dtype
         x = x.float()
         sigma = sigma.float().reshape(-1).expand(x.shape[0])
         c_in = append_dims(1 / (sigma**2 + 1).sqrt(), x.ndim)
-        eps = self.net(x * c_in, self.schedule.sigma_to_t(sigma), class_labels)
+        eps = self.raw_net(x * c_in, self.schedule.sigma_to_t(sigma), cond)
         return (x - append_dims(sigma, x.ndim) * eps.float()).to(dtype)

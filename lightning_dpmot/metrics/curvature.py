@@ -120,21 +120,25 @@ def mean_trajectory_metrics(xs: Tensor, denoised: Tensor, sigmas: Tensor) -> dic
 class TrajectoryRecorder:
     """Step callback that records a sampler's ODE trajectory.
 
-    The samplers call ``callback({"i", "x", "sigma", "sigma_next", "denoised"})`` after each step with the new
-    state ``x_{i+1}`` and ``D(x_i; sigma_i)``. The recorder prepends the start state and closes the trajectory
-    at the last level (at ``sigma_N = 0`` the denoised estimate is the sample itself).
+    The samplers call ``callback({"i", "x_in", "x", "sigma", "sigma_next", "denoised"})`` after each step with
+    the state ``x_i`` the step started from, the new state ``x_{i+1}`` and ``D(x_i; sigma_i)``. The recorder keeps
+    the start state and closes the trajectory at the last level (at ``sigma_N = 0`` the denoised estimate is the
+    sample itself). Pass it as the ``callback`` of a module's ``generate`` to record exactly the trajectories the
+    module generates (for DPM-OT: from the OT-mapped latents at sigma_s).
 
     Args:
-        x_start: (B, *S) the state the sampler starts from, at ``sigmas[0]``.
+        x_start: (B, *S) the state the sampler starts from, at ``sigmas[0]`` (default: the first step's ``x_in``).
     """
 
-    def __init__(self, x_start: Tensor) -> None:
-        self.x_start = x_start.detach().clone()
+    def __init__(self, x_start: Tensor | None = None) -> None:
+        self.x_start = x_start.detach().clone() if x_start is not None else None
         self.steps: list[dict[str, Any]] = []
 
     def __call__(self, info: dict[str, Any]) -> None:
         if info["i"] != len(self.steps):
             raise ValueError(f"expected step {len(self.steps)}, got step {info['i']}: reuse of a recorder?")
+        if self.x_start is None:
+            self.x_start = info["x_in"].detach().clone()
         self.steps.append(
             {
                 "x": info["x"].detach().clone(),

@@ -4,6 +4,7 @@ from lightning_dpmot.models.base import DiffusionModule, NetFactory
 from lightning_dpmot.models.dpm import DPMModule
 from lightning_dpmot.models.dpm_ot import DPMOTModule, load_diffusion_module
 from lightning_dpmot.models.edm import EDMModule
+from lightning_dpmot.models.generation import GenerativeModule
 from lightning_dpmot.models.semidiscrete import SemiDiscreteOTModule, load_ot_checkpoint
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "DPMOTModule",
     "DiffusionModule",
     "EDMModule",
+    "GenerativeModule",
     "NetFactory",
     "SemiDiscreteOTModule",
     "load_diffusion_module",

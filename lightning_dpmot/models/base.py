@@ -5,43 +5,62 @@ The data flow of one training step, in named steps:
 1. ``batch = {"x": (B, *S) data in [-1, 1], "label": (B,), ...}`` from a DataModule.
 2. **noise**: ``batch["noise"]`` if a coupling callback (e.g. :class:`~lightning_dpmot.callbacks.OTCouplingCallback`)
    supplied it, else :meth:`DiffusionModule.draw_noise` — unit Gaussian noise from this rank's own generator.
-3. **labels**: class labels with classifier-free-guidance dropout (label -1 = unconditional).
-4. **loss**: the subclass's per-sample objective (EDM, DDPM, ...).
+3. **condition**: ``self.conditioner.from_batch(batch)`` — the condition mapping (``{"label": (B,)}``, text states,
+   or None), with classifier-free-guidance dropout to the conditioner's null condition.
+4. **loss**: the subclass's per-sample objective (EDM, DDPM, ...) of ``(x, noise, cond)``.
 
 Randomness is counter-based (:mod:`lightning_dpmot.utils.random`): every step derives its generators from
-(seed, global rank, epoch, batch index, purpose), so ranks draw different noise and a resumed run continues exactly.
+(seed, global rank, epoch, batch index, purpose) — the network's dropout too, through a per-step seeded fork of the
+global RNG — so ranks draw different noise and a resumed run continues exactly, even from the middle of an epoch.
+
+Hyperparameters are owned here (torchgeo's ``BaseTask`` pattern): subclasses take their own arguments plus
+``**kwargs`` for this class, and the base saves them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_dpmot.diffusion.denoiser import Denoiser
+from lightning_dpmot.diffusion.conditioning import ClassConditioner, Cond, Conditioner
+from lightning_dpmot.diffusion.guidance import GuidanceSpec
+from lightning_dpmot.models.generation import PREDICT_STREAM, GenerativeModule
 from lightning_dpmot.sampling.samplers import NoiseSource, SampleResult, StepCallback
 from lightning_dpmot.sampling.spec import SamplerSpec, run_sampler
-from lightning_dpmot.utils.random import StackedGenerator, global_seed, make_generator
+from lightning_dpmot.utils.distributed import rank_seeds  # noqa: F401  (old import path, until callers move)
+from lightning_dpmot.utils.random import StackedGenerator, global_seed, make_generator, mix_seed
 
-NetFactory = Callable[[tuple[int, ...], int], nn.Module]
-"""A network built by ``net(data_shape, num_classes)``; in YAML a ``class_path`` with ``init_args``."""
+NetFactory = Callable[..., nn.Module]
+"""A raw network built by ``net(data_shape, **conditioner.net_kwargs())``; in YAML a ``class_path`` with
+``init_args``."""
 
 # Purpose tags that keep the generators of one step independent of each other.
-NOISE, SIGMA, LABEL_DROP, VAL = 1, 2, 3, 4
-_PREDICT_STREAM = 1_000_003
+NOISE, SIGMA, LABEL_DROP, VAL, DROPOUT = 1, 2, 3, 4, 5
+
+#: Renamed state-dict prefixes (old -> new): the preconditioned denoiser was ``net``, its raw network ``net.net``.
+LEGACY_PREFIXES = (("net.net.", "denoiser.raw_net."), ("net.", "denoiser."))
 
 
-def rank_seeds(num_samples: int, rank: int, world_size: int, offset: int = 0) -> Tensor:
-    """This rank's share of the seeds ``offset .. offset + num_samples - 1`` (every world_size-th one)."""
-    return torch.arange(offset + rank, offset + num_samples, world_size, dtype=torch.long)
+def upgrade_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict written before the ``net`` -> ``denoiser`` / ``net.net`` -> ``denoiser.raw_net`` rename, upgraded
+    (other keys untouched; an up-to-date state dict is returned as is)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in LEGACY_PREFIXES:
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+                break
+        out[key] = value
+    return out
 
 
 def plain_data(value: Any) -> Any:
@@ -77,24 +96,31 @@ def standalone_factory(factory: OptimizerCallable) -> OptimizerCallable:
     return factory
 
 
-class DiffusionModule(L.LightningModule):
-    """Base class: noise hook, label dropout, optimisation with warm-up, validation loss, generation.
+class DiffusionModule(GenerativeModule):
+    """Base class: noise hook, conditioning with CFG dropout, optimisation with warm-up, validation loss, generation.
+
+    Subclasses set ``self.denoiser`` (the preconditioned sigma-space denoiser D(x, sigma, cond), holding the raw
+    network as ``denoiser.raw_net``) and implement :meth:`loss` and :meth:`sigmas_for`.
 
     Args:
         data_shape: shape of one sample, linked from the DataModule by the CLI.
         num_classes: number of classes of the data, linked from the DataModule.
         class_conditional: condition the network on class labels (needs ``num_classes > 0``).
-        label_dropout: probability of replacing a label by the null label -1 during training (for CFG).
+        label_dropout: probability of replacing a label by the null label during training (for CFG).
         optimizer: optimizer factory (``class_path`` of a ``torch.optim`` class with ``init_args``).
         lr_warmup_images: linear learning-rate warm-up over this many training images (EDM: 10 M); 0 disables it.
         sampler: sampler used for validation grids and ``dpmot predict`` (not saved as a hyperparameter, so
             ``predict --ckpt_path`` can change it).
+        guidance: guidance for validation grids and ``dpmot predict`` (default none; not saved either).
         seed: base seed of the per-rank generators (default: the run's ``seed_everything`` value).
         nan_to_num_grads: replace NaN/inf gradients by 0/finite values before each step (as EDM does).
     """
 
+    denoiser: nn.Module
+
     def __init__(
         self,
+        *,
         data_shape: tuple[int, ...] = (1, 8, 8),
         num_classes: int = 0,
         class_conditional: bool = False,
@@ -102,33 +128,34 @@ class DiffusionModule(L.LightningModule):
         optimizer: OptimizerCallable = adam,
         lr_warmup_images: int = 0,
         sampler: SamplerSpec | None = None,
+        guidance: GuidanceSpec | None = None,
         seed: int | None = None,
         nan_to_num_grads: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(data_shape=data_shape, num_classes=num_classes, sampler=sampler, guidance=guidance)
         if class_conditional and num_classes < 1:
             raise ValueError("class_conditional=True needs a dataset with classes (num_classes >= 1)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        self.data_shape = tuple(data_shape)
-        self.num_classes = num_classes
+        if lr_warmup_images < 0:
+            raise ValueError(f"lr_warmup_images must be >= 0, got {lr_warmup_images}")
+        self.save_hyperparameters(ignore=["sampler", "guidance"])  # the subclass's arguments too (its frames)
         self.class_conditional = class_conditional
         self.label_dropout = label_dropout
+        self.conditioner = ClassConditioner(num_classes, label_dropout) if class_conditional else Conditioner()
         self.optimizer_factory = standalone_factory(optimizer)
         self.lr_warmup_images = lr_warmup_images
-        self.sampler = sampler or SamplerSpec()
         self.seed = seed
         self.nan_to_num_grads = nan_to_num_grads
 
-    # ----------------------------------------------------------------------------------------------- subclass API
-    @property
-    @abstractmethod
-    def denoiser(self) -> Denoiser:
-        """The model as a sigma-space denoiser D(x, sigma, class_labels)."""
+    def build_net(self, net: NetFactory) -> nn.Module:
+        """The raw network for this data and conditioning: ``net(data_shape, **conditioner.net_kwargs())``."""
+        return net(self.data_shape, **self.conditioner.net_kwargs())
 
+    # ----------------------------------------------------------------------------------------------- subclass API
     @abstractmethod
-    def loss(self, x: Tensor, noise: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        """Per-sample training loss (B,) for data x (B, *S), unit noise (B, *S) and labels (B,) or None."""
+    def loss(self, x: Tensor, noise: Tensor, cond: Cond | None, generator: torch.Generator) -> Tensor:
+        """Per-sample training loss (B,) for data x (B, *S), unit noise (B, *S) and the condition mapping."""
 
     @abstractmethod
     def sigmas_for(self, spec: SamplerSpec) -> Tensor:
@@ -152,18 +179,19 @@ class DiffusionModule(L.LightningModule):
         """
         return torch.randn(x.shape, generator=self.step_generator(NOISE, batch_idx), device=x.device)
 
+    @contextlib.contextmanager
+    def step_rng(self, batch_idx: int) -> Iterator[None]:
+        """The global RNG (the network's dropout) seeded from (seed, rank, epoch, batch index) for one step, and
+        restored afterwards, so a run resumed mid-epoch draws the same dropout masks as the uninterrupted one."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            torch.manual_seed(mix_seed(self.base_seed, self.global_rank, self.current_epoch, batch_idx, DROPOUT))
+            yield
+
     # -------------------------------------------------------------------------------------------------- training
-    def class_labels(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor | None:
-        """Labels for the network: None if unconditional; with dropout to -1 when a generator is given."""
-        if not self.class_conditional:
-            return None
-        if "label" not in batch:
-            raise KeyError("class_conditional=True but the batch has no 'label' entry")
-        labels = batch["label"]
-        if generator is not None and self.label_dropout > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, -1), labels)
-        return labels
+    def training_condition(self, batch: dict[str, Tensor], batch_idx: int) -> Cond | None:
+        """The batch's condition mapping with CFG dropout to the null condition (None if unconditional)."""
+        return self.conditioner.drop(self.conditioner.from_batch(batch), self.step_generator(LABEL_DROP, batch_idx))
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -173,27 +201,31 @@ class DiffusionModule(L.LightningModule):
             noise = self.draw_noise(x, batch_idx)
         elif noise.shape != x.shape:
             raise ValueError(f"batch['noise'] has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
-        labels = self.class_labels(batch, self.step_generator(LABEL_DROP, batch_idx))
-        loss = self.loss(x, noise, labels, self.step_generator(SIGMA, batch_idx)).mean()
+        cond = self.training_condition(batch, batch_idx)
+        with self.step_rng(batch_idx):
+            loss = self.loss(x, noise, cond, self.step_generator(SIGMA, batch_idx)).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_loss(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
-        """Loss on held-out data with noise fixed per batch (comparable across evaluations)."""
+    def eval_loss(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Mean loss on held-out data with noise fixed per batch (comparable across evaluations)."""
         x = batch["x"]
         gen_noise = make_generator(self.base_seed, VAL, batch_idx, NOISE, device=self.device)
         gen_sigma = make_generator(self.base_seed, VAL, batch_idx, SIGMA, device=self.device)
         noise = torch.randn(x.shape, generator=gen_noise, device=x.device)
-        loss = self.loss(x, noise, self.class_labels(batch), gen_sigma).mean()
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        return self.loss(x, noise, self.conditioner.from_batch(batch), gen_sigma).mean()
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_loss(batch, batch_idx, "val")
+        self.log(
+            "val/loss", self.eval_loss(batch, batch_idx), prog_bar=True, sync_dist=True, batch_size=len(batch["x"])
+        )
 
     @override
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_loss(batch, batch_idx, "test")
+        self.log(
+            "test/loss", self.eval_loss(batch, batch_idx), prog_bar=True, sync_dist=True, batch_size=len(batch["x"])
+        )
 
     def images_seen(self) -> int:
         """Training images consumed so far over all ranks (EDM's ``cur_nimg``)."""
@@ -229,66 +261,58 @@ class DiffusionModule(L.LightningModule):
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain_data(checkpoint["hyper_parameters"])
 
+    @override
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Also takes state dicts written before the ``denoiser`` / ``raw_net`` rename (keys upgraded)."""
+        return super().load_state_dict(upgrade_state_dict(dict(state_dict)), strict=strict, assign=assign)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the ``denoiser`` / ``raw_net`` rename load with their keys upgraded (the EMA
+        callback's averaged copy too)."""
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
+        for state in (checkpoint.get("callbacks") or {}).values():
+            if isinstance(state, dict) and isinstance(state.get("average_model_state"), dict):
+                state["average_model_state"] = upgrade_state_dict(state["average_model_state"])
+
     # ------------------------------------------------------------------------------------------------ generation
     def sample_from(
         self,
         x: Tensor,
         sigmas: Tensor,
         *,
-        labels: Tensor | None = None,
+        cond: Cond | None = None,
         spec: SamplerSpec | None = None,
+        guidance: GuidanceSpec | None = None,
         generator: torch.Generator | NoiseSource | None = None,
         callback: StepCallback | None = None,
     ) -> SampleResult:
-        """Run the reverse process from ``x`` (B, *S) at level ``sigmas[0]`` down to 0."""
-        spec = spec or self.sampler
-        labels = labels if self.class_conditional else None
-        return run_sampler(spec, self.denoiser, x, sigmas, class_labels=labels, generator=generator, callback=callback)
+        """Run the reverse process from ``x`` (B, *S) at level ``sigmas[0]`` down to 0 (guided denoiser)."""
+        null = self.conditioner.null if self.conditioner.conditional else None
+        denoiser = (guidance or self.guidance).wrap(self.denoiser, null)
+        return run_sampler(spec or self.sampler, denoiser, x, sigmas, cond=cond, generator=generator, callback=callback)
 
-    @torch.no_grad()
-    def generate(
+    def sample(
         self,
-        seeds: Tensor | list[int],
-        labels: Tensor | None = None,
-        spec: SamplerSpec | None = None,
-        callback: StepCallback | None = None,
+        seeds: Tensor,
+        cond: Cond | None,
+        spec: SamplerSpec,
+        guidance: GuidanceSpec,
+        callback: StepCallback | None,
     ) -> SampleResult:
-        """Samples from per-sample seeds (EDM protocol: sample i depends only on seeds[i]).
-
-        Args:
-            seeds: (B,) int64 seeds; labels: (B,) class labels (-1 or None = unconditional).
-            spec: sampler (default: ``self.sampler``).
-        Returns:
-            SampleResult with x: (B, *data_shape) float32; images are clamped to [-1, 1], other data is not.
-        """
-        spec = spec or self.sampler
-        seeds = torch.as_tensor(seeds, dtype=torch.long)
+        """Start noise ``sigma_max * n(seed)``, the sampler down to 0; images are clamped to [-1, 1], points not."""
         sigmas = self.sigmas_for(spec).to(self.device)
         noise = StackedGenerator(seeds, device=self.device).randn(self.data_shape)
-        churn = StackedGenerator(seeds + _PREDICT_STREAM, device=self.device)
-        if labels is not None:
-            labels = labels.to(self.device)
-        was_training = self.training
-        self.eval()  # no dropout while sampling, whoever calls
-        try:
-            result = self.sample_from(
-                noise.double() * sigmas[0], sigmas, labels=labels, spec=spec, generator=churn, callback=callback
-            )
-        finally:
-            self.train(was_training)
+        churn = StackedGenerator(seeds + PREDICT_STREAM, device=self.device)
+        result = self.sample_from(
+            noise.double() * sigmas[0],
+            sigmas,
+            cond=cond,
+            spec=spec,
+            guidance=guidance,
+            generator=churn,
+            callback=callback,
+        )
         x = result.x.float()
-        return SampleResult(x.clamp(-1, 1) if len(self.data_shape) == 3 else x, result.nfe)  # clamp images only
-
-    def generate_many(
-        self, seeds: Tensor, batch_size: int = 256, spec: SamplerSpec | None = None
-    ) -> Iterator[tuple[Tensor, SampleResult]]:
-        """:meth:`generate` over many seeds in batches; class labels (if conditional) are ``seed % num_classes``."""
-        for chunk in torch.as_tensor(seeds, dtype=torch.long).split(batch_size):
-            labels = chunk % self.num_classes if self.class_conditional else None
-            yield chunk, self.generate(chunk, labels, spec)
-
-    @override
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        labels = batch.get("label")
-        result = self.generate(batch["seed"], labels if self.class_conditional else None)
-        return {"x": result.x, "seed": batch["seed"], "label": batch.get("label"), "nfe": torch.tensor(result.nfe)}
+        return SampleResult(x.clamp(-1, 1) if len(self.data_shape) == 3 else x, result.nfe)

@@ -29,13 +29,14 @@ checkpoint and are rebuilt from the hyperparameters ``beta_schedule`` and ``T``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from einops import reduce
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.vp import VPEpsDenoiser, VPSchedule
 from lightning_dpmot.models.base import DiffusionModule, NetFactory
 from lightning_dpmot.sampling.schedules import karras_sigmas
@@ -56,82 +57,52 @@ class DPMModule(DiffusionModule):
     """DDPM training (L_simple, epsilon prediction) and DDIM / DDPM / sigma-space sampling.
 
     Args:
-        net: the epsilon network; built as ``net(data_shape, classes)`` and called as
-            ``net(x_t, t, class_labels)`` with x_t (B, *S) in VP coordinates and t (B,) float timesteps in [0, T-1].
-        data_shape: linked from the DataModule.
-        num_classes: linked from the DataModule.
-        class_conditional: condition on class labels.
-        label_dropout: CFG label dropout probability during training.
+        net: the raw epsilon network; built as ``net(data_shape, **conditioner.net_kwargs())`` and called as
+            ``net(x_t, t, cond)`` with x_t (B, *S) in VP coordinates and t (B,) float timesteps in [0, T-1].
         beta_schedule: "linear" (DDPM: beta 1e-4 .. 0.02) or "cosine" (Nichol & Dhariwal 2021).
         T: number of discrete diffusion steps (DDPM: 1000).
         optimizer: optimizer factory (DDPM: Adam, lr 2e-4).
-        lr_warmup_images: linear lr warm-up in images (DDPM CIFAR-10: 5000 steps x 128 = 640,000).
         sampler: sampler for validation grids and ``predict`` (default: DDIM, 50 timesteps, eta 0).
-        seed: base seed of the per-rank generators (default: the run's seed).
-        nan_to_num_grads: sanitise NaN/inf gradients before each step.
+        **kwargs: :class:`~lightning_dpmot.models.base.DiffusionModule`'s other arguments (data_shape, num_classes,
+            class_conditional, label_dropout, lr_warmup_images — DDPM CIFAR-10: 640,000 —, guidance, seed,
+            nan_to_num_grads).
     """
 
     def __init__(
         self,
         net: NetFactory,
-        data_shape: tuple[int, ...] = (1, 8, 8),
-        num_classes: int = 0,
-        class_conditional: bool = False,
-        label_dropout: float = 0.0,
         beta_schedule: Literal["linear", "cosine"] = "linear",
         T: int = 1000,
         optimizer: OptimizerCallable = ddpm_adam,
-        lr_warmup_images: int = 0,
         sampler: SamplerSpec | None = None,
-        seed: int | None = None,
-        nan_to_num_grads: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_shape,
-            num_classes,
-            class_conditional,
-            label_dropout,
-            optimizer,
-            lr_warmup_images,
-            sampler or ddim_spec(50),
-            seed,
-            nan_to_num_grads,
-        )
+        super().__init__(optimizer=optimizer, sampler=sampler or ddim_spec(50), **kwargs)
         if T < 2:
             raise ValueError(f"T must be >= 2 discrete diffusion steps, got {T}")
-        self.save_hyperparameters(ignore=["sampler"])
         self.beta_schedule, self.T = beta_schedule, T
         schedule = VPSchedule(beta_schedule, T)  # non-persistent buffers, rebuilt from (beta_schedule, T)
-        self.net = VPEpsDenoiser(net(self.data_shape, num_classes if class_conditional else 0), schedule)
-
-    @property
-    def denoiser(self) -> VPEpsDenoiser:
-        return self.net
+        self.denoiser = VPEpsDenoiser(self.build_net(net), schedule)
 
     @property
     def schedule(self) -> VPSchedule:
         """The discrete VP schedule (alphas_cumprod (T,), sigmas (T,) ascending in t)."""
-        return self.net.schedule
-
-    @property
-    def eps_net(self) -> nn.Module:
-        """The raw epsilon network eps_theta(x_t, t, class_labels)."""
-        return self.net.net
+        return self.denoiser.schedule
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Tensor:
         """t ~ U{0, ..., T-1}, (B,) int64, drawn from ``generator``."""
         return torch.randint(self.T, (batch_size,), generator=generator, device=device)
 
-    def loss(self, x: Tensor, noise: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+    def loss(self, x: Tensor, noise: Tensor, cond: Cond | None, generator: torch.Generator) -> Tensor:
         """L_simple per sample (B,): mean over elements of (eps_theta(x_t, t) - noise)^2, x_t = q_sample(x, noise, t).
 
         Args:
-            x: (B, *S) data; noise: (B, *S) unit noise (possibly OT-coupled); labels: (B,) or None;
+            x: (B, *S) data; noise: (B, *S) unit noise (possibly OT-coupled); cond: condition mapping or None;
             generator: draws the timesteps t (B,).
         """
         t = self.sample_timesteps(x.shape[0], generator, x.device)
         x_t = self.schedule.q_sample(x, noise, t)
-        eps = self.eps_net(x_t, t.to(x.dtype), labels)
+        eps = self.denoiser.raw_net(x_t, t.to(x.dtype), cond)
         return reduce((eps.float() - noise.float()) ** 2, "b ... -> b", "mean")
 
     def sigmas_for(self, spec: SamplerSpec) -> Tensor:

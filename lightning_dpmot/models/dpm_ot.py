@@ -15,9 +15,12 @@ multiply-adds per sample, timed separately as ``map_seconds``). So ``dpmot predi
 
 Labels: a class-conditional inner model is conditioned on the label of the mapped target (the latent is a noisy
 version of an image of that class; conditioning on another class contradicts it). Labels passed to ``generate``
-are used only for targets without a label (-1, e.g. unconditional generated targets).
+(``cond["label"]``) are used only for targets without a label (-1, e.g. unconditional generated targets); other
+condition entries are passed to the inner model unchanged.
 
-The module cannot be trained (``dpmot fit`` fails at setup); ``dpmot test`` logs the inner model's denoising loss.
+The module implements the generation protocol (:class:`~lightning_dpmot.models.generation.GenerativeModule`) and
+nothing of training: ``dpmot fit`` fails at setup with a message saying so; ``dpmot test`` logs the inner model's
+denoising loss.
 """
 
 from __future__ import annotations
@@ -25,14 +28,17 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_dpmot.models.base import _PREDICT_STREAM, DiffusionModule
+from lightning_dpmot.diffusion.conditioning import Cond
+from lightning_dpmot.diffusion.guidance import GuidanceSpec
+from lightning_dpmot.models.base import DiffusionModule
+from lightning_dpmot.models.generation import PREDICT_STREAM, GenerativeModule
 from lightning_dpmot.models.semidiscrete import load_ot_checkpoint
 from lightning_dpmot.ot.semidiscrete_maps import MapName, build_map
 from lightning_dpmot.sampling.samplers import SampleResult, StepCallback
@@ -61,7 +67,7 @@ def load_diffusion_module(path: str | Path, map_location: str | torch.device = "
             f"{path}: cannot rebuild the diffusion model ({type(err).__name__}: {err}); use a checkpoint written by "
             "`dpmot fit` (its hyperparameters carry the model's class_path)"
         ) from err
-    if not isinstance(module, DiffusionModule) or isinstance(module, DPMOTModule):
+    if not isinstance(module, DiffusionModule):
         raise ValueError(f"{path}: holds a {type(module).__name__}, not a trained diffusion model")
     return module.eval()
 
@@ -78,7 +84,7 @@ class ExpresswayResult(NamedTuple):
     map_seconds: float
 
 
-class DPMOTModule(DiffusionModule):
+class DPMOTModule(GenerativeModule):
     """Generation by the DPM-OT expressway (sampling only).
 
     Args:
@@ -94,7 +100,7 @@ class DPMOTModule(DiffusionModule):
         data_shape: linked from the DataModule; must match the model and the targets.
         num_classes: linked from the DataModule (the inner model's value is used).
         sampler: reverse sampler below sigma_s (default: the inner model's); its ``sigma_max`` is replaced by sigma_s.
-        seed: unused (per-sample seeds drive generation); kept for the DiffusionModule interface.
+        guidance: guidance of the reverse steps (default: the inner model's).
     """
 
     def __init__(
@@ -111,20 +117,24 @@ class DPMOTModule(DiffusionModule):
         data_shape: tuple[int, ...] = (1, 8, 8),
         num_classes: int = 0,
         sampler: SamplerSpec | None = None,
-        seed: int | None = None,
+        guidance: GuidanceSpec | None = None,
     ) -> None:
         inner = load_diffusion_module(diffusion_ckpt)
         solver, targets, meta = load_ot_checkpoint(ot_ckpt, targets_file)
         super().__init__(
-            inner.data_shape, inner.num_classes, inner.class_conditional, sampler=sampler or inner.sampler, seed=seed
+            data_shape=inner.data_shape,
+            num_classes=inner.num_classes,
+            sampler=sampler or inner.sampler,
+            guidance=guidance or inner.guidance,
         )
-        self.save_hyperparameters(ignore=["sampler"])
+        self.save_hyperparameters(ignore=["sampler", "guidance"])
         if tuple(data_shape) != inner.data_shape or targets.data_shape != inner.data_shape:
             raise ValueError(
                 f"shapes differ: data {tuple(data_shape)}, diffusion model {inner.data_shape}, OT targets "
                 f"{targets.data_shape}"
             )
         self.inner = inner
+        self.conditioner = inner.conditioner
         self.sigma_s = targets.sigma_s
         self.targets_provenance = meta.get("provenance", {})
         self.ot_map = build_map(
@@ -141,15 +151,6 @@ class DPMOTModule(DiffusionModule):
         self.register_buffer("target_ids", targets.ids, persistent=False)
         self.requires_grad_(False)
         self.sigmas_for(self.sampler)  # fail now if the model cannot start at sigma_s
-
-    # ------------------------------------------------------------------------------------ DiffusionModule API
-    @property
-    def denoiser(self) -> Any:
-        return self.inner.denoiser
-
-    def loss(self, x: Tensor, noise: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        """The inner model's per-sample denoising loss (for ``dpmot test``/``validate``; the OT map has none)."""
-        return self.inner.loss(x, noise, labels, generator)
 
     def sigmas_for(self, spec: SamplerSpec) -> Tensor:
         """The inner model's levels for ``spec`` started at sigma_s, (N + 1,) float64, descending to 0."""
@@ -168,33 +169,57 @@ class DPMOTModule(DiffusionModule):
         return sigmas
 
     @override
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Refuse ``fit`` before Lightning's own loop checks (the first hook it calls on the module)."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             raise ValueError(
                 "DPMOTModule cannot be trained: it only samples (dpmot predict / test). Train the diffusion model "
                 "(e.g. EDMModule) and fit the OT potential (SemiDiscreteOTModule) with dpmot fit instead"
             )
+        return []
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """The inner model's denoising loss on held-out data (the OT map has none)."""
+        loss = self.inner.eval_loss(batch, batch_idx)
+        self.log("test/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["x"]))
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def mapped_labels(self, index: Tensor, labels: Tensor | None) -> Tensor:
-        """Conditioning labels (B,): the mapped targets' labels, else ``labels``, else -1 (unconditional)."""
-        fallback = labels.to(index.device) if labels is not None else torch.full_like(index, -1)
-        if not self.class_conditional:
-            return torch.full_like(index, -1)
-        mapped = self.target_labels[index]
-        return torch.where(mapped >= 0, mapped, fallback)
+    def mapped_condition(self, index: Tensor, cond: Cond | None) -> Cond | None:
+        """The inner model's condition: the mapped targets' labels (B,), else ``cond["label"]``, else -1; other
+        entries of ``cond`` unchanged. None for an unconditional inner model."""
+        if not self.conditioner.conditional:
+            return None
+        cond = dict(cond or {})
+        if "label" in self.conditioner.keys:
+            given = cond.get("label")
+            fallback = given.to(index.device) if given is not None else torch.full_like(index, -1)
+            mapped = self.target_labels[index]
+            cond["label"] = torch.where(mapped >= 0, mapped, fallback)
+        return cond
 
-    @torch.no_grad()
     def expressway(
         self,
         seeds: Tensor | list[int],
-        labels: Tensor | None = None,
+        cond: Cond | None = None,
         spec: SamplerSpec | None = None,
+        guidance: GuidanceSpec | None = None,
         callback: StepCallback | None = None,
     ) -> ExpresswayResult:
         """Samples for per-sample seeds (B,) with everything the expressway decided (see the module docstring)."""
-        spec = spec or self.sampler
         seeds = torch.as_tensor(seeds, dtype=torch.long)
+        guidance = guidance or self.guidance
+        with self.sampling_mode(grad=guidance.needs_grad):
+            return self._expressway(seeds, cond, spec or self.sampler, guidance, callback)
+
+    def _expressway(
+        self,
+        seeds: Tensor,
+        cond: Cond | None,
+        spec: SamplerSpec,
+        guidance: GuidanceSpec,
+        callback: StepCallback | None,
+    ) -> ExpresswayResult:
         device = self.device
         sigmas = self.sigmas_for(spec).to(device)
         noise = self.ot_map.sample_noise([make_generator(s, _OT_NOISE, device=device) for s in seeds.tolist()])
@@ -205,38 +230,30 @@ class DPMOTModule(DiffusionModule):
             torch.cuda.synchronize(device)
         map_seconds = time.perf_counter() - start
         latents = mapped.latents.unflatten(1, self.data_shape)
-        used = self.mapped_labels(mapped.index, labels)
-        churn = StackedGenerator(seeds + _PREDICT_STREAM, device=device)
-        was_training = self.training
-        self.eval()
-        try:
-            result = self.inner.sample_from(
-                latents.double(),
-                sigmas,
-                labels=used if self.class_conditional else None,
-                spec=spec,
-                generator=churn,
-                callback=callback,
-            )
-        finally:
-            self.train(was_training)
-        return ExpresswayResult(result.x.float().clamp(-1, 1), result.nfe, mapped.index, used, latents, map_seconds)
+        used = self.mapped_condition(mapped.index, cond)
+        churn = StackedGenerator(seeds + PREDICT_STREAM, device=device)
+        result = self.inner.sample_from(
+            latents.double(), sigmas, cond=used, spec=spec, guidance=guidance, generator=churn, callback=callback
+        )
+        labels = used["label"] if used and "label" in used else torch.full_like(mapped.index, -1)
+        return ExpresswayResult(result.x.float().clamp(-1, 1), result.nfe, mapped.index, labels, latents, map_seconds)
 
-    @torch.no_grad()
-    def generate(
+    def sample(
         self,
-        seeds: Tensor | list[int],
-        labels: Tensor | None = None,
-        spec: SamplerSpec | None = None,
-        callback: StepCallback | None = None,
+        seeds: Tensor,
+        cond: Cond | None,
+        spec: SamplerSpec,
+        guidance: GuidanceSpec,
+        callback: StepCallback | None,
     ) -> SampleResult:
         """Expressway samples: SampleResult with x (B, *data_shape) in [-1, 1] and the reverse steps' NFE."""
-        result = self.expressway(seeds, labels, spec, callback)
+        result = self._expressway(seeds, cond, spec, guidance, callback)
         return SampleResult(result.x, result.nfe)
 
     @override
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        result = self.expressway(batch["seed"], batch.get("label"))
+        cond = {k: v for k, v in batch.items() if k != "seed"}
+        result = self.expressway(batch["seed"], cond)
         return {
             "x": result.x,
             "seed": batch["seed"],

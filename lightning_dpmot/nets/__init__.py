@@ -2,12 +2,12 @@
 
 Every net follows one interface, relied on by the LightningModules and LightningCLI::
 
-    net = Net(data_shape, num_classes, **architecture_kwargs)      # data_shape: one sample, e.g. (3, 32, 32)
-    out = net(x, noise_labels, class_labels=None)                  # x: (B, *data_shape) -> (B, *data_shape)
+    net = Net(data_shape, **conditioner.net_kwargs(), **architecture_kwargs)   # e.g. num_classes=10
+    out = net(x, noise_labels, cond=None)                  # x: (B, *data_shape) -> (B, *data_shape)
 
-``noise_labels``: (B,) float (EDM's c_noise = ln(sigma) / 4, or a DDPM timestep). ``class_labels``: (B,)
-int64, -1 = no class (classifier-free-guidance null label); ``None`` equals all -1. Unconditional nets ignore
-class labels.
+``noise_labels``: (B,) float (EDM's c_noise = ln(sigma) / 4, or a DDPM timestep). ``cond``: the condition mapping
+(:mod:`lightning_dpmot.diffusion.conditioning`); these nets read its ``"label"`` entry, (B,) int64 with -1 = no
+class (classifier-free-guidance null label); ``None`` equals all -1. Unconditional nets ignore it.
 """
 
 from lightning_dpmot.nets.embeddings import (

@@ -8,12 +8,13 @@
   null label -1 (and ``class_labels=None``) is an all-zero one-hot, so only the layer's bias enters (EDM's
   label dropout produces exactly this input).
 * :func:`check_batch`, :func:`noise_vector`, :func:`check_class_labels`: input checks of the common net
-  interface ``forward(x (B, *data_shape), noise_labels (B,), class_labels (B,) | None)``.
+  interface ``forward(x (B, *data_shape), noise_labels (B,), cond | None)`` (class labels: ``cond["label"]``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -125,6 +126,15 @@ def noise_embedding(embedding_type: Literal["positional", "fourier"], num_channe
     if embedding_type == "fourier":
         return FourierEmbedding(num_channels)
     raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
+
+
+def class_labels_of(cond: Mapping[str, Tensor] | None) -> Tensor | None:
+    """The class labels (B,) of a condition mapping (its ``"label"`` entry), or None (= all null)."""
+    if cond is None:
+        return None
+    if not isinstance(cond, Mapping):
+        raise TypeError(f"cond must be a mapping such as {{'label': labels}}, got {type(cond).__name__}")
+    return cond.get("label")
 
 
 def check_class_labels(class_labels: Tensor, num_classes: int, batch_size: int) -> None:

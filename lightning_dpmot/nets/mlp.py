@@ -14,14 +14,20 @@ so a fresh net outputs nearly zero.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Integral
 from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpmot.nets.embeddings import ClassEmbedding, check_batch, noise_embedding, noise_vector
+from lightning_dpmot.nets.embeddings import (
+    ClassEmbedding,
+    check_batch,
+    class_labels_of,
+    noise_embedding,
+    noise_vector,
+)
 from lightning_dpmot.nets.layers import GAIN_ZERO, linear
 
 
@@ -58,7 +64,7 @@ class MLPBlock(nn.Module):
 class MLPDenoiserNet(nn.Module):
     """Residual MLP denoiser for data of shape (D,), with noise-level and optional class conditioning.
 
-    ``forward(x, noise_labels, class_labels)`` returns (B, D). An unconditional net (``num_classes == 0``)
+    ``forward(x, noise_labels, cond)`` returns (B, D). An unconditional net (``num_classes == 0``)
     ignores ``class_labels``; with classes, label -1 or ``class_labels=None`` is the null class (all-zero
     one-hot).
 
@@ -117,11 +123,11 @@ class MLPDenoiserNet(nn.Module):
         emb = emb.to(self.map_layer0.weight.dtype)
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """x: (B, D); noise_labels: (B,) float (or one value for all); class_labels: (B,) int64 in [-1, K) or
-        None -> (B, D)."""
+    def forward(self, x: Tensor, noise_labels: Tensor, cond: Mapping[str, Tensor] | None = None) -> Tensor:
+        """x: (B, D); noise_labels: (B,) float (or one value for all); cond: ``{"label": (B,) int64 in [-1, K)}``
+        or None -> (B, D)."""
         batch_size = check_batch(x, self.data_shape)
-        emb = self.embed(noise_vector(noise_labels, batch_size, x.device), class_labels)
+        emb = self.embed(noise_vector(noise_labels, batch_size, x.device), class_labels_of(cond))
         h = self.input(x)
         for block in self.blocks:
             h = block(h, emb)

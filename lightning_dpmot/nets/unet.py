@@ -19,7 +19,7 @@ state dicts load unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Integral
 from typing import Literal
 
@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpmot.nets.embeddings import ClassEmbedding, check_batch, noise_embedding, noise_vector
+from lightning_dpmot.nets.embeddings import (
+    ClassEmbedding,
+    check_batch,
+    class_labels_of,
+    noise_embedding,
+    noise_vector,
+)
 from lightning_dpmot.nets.layers import GAIN_ZERO, Conv2d, UNetBlock, group_norm, linear
 
 
@@ -54,7 +60,7 @@ def check_image_shape(data_shape: Sequence[int], num_levels: int) -> tuple[int, 
 class DDPMppUNet(nn.Module):
     """EDM's DDPM++ U-Net F_theta(x; c_noise, class), optionally NCSN++ (Fourier embedding, residual encoder).
 
-    ``forward(x, noise_labels, class_labels)`` returns a tensor shaped like x. An unconditional net
+    ``forward(x, noise_labels, cond)`` returns a tensor shaped like x. An unconditional net
     (``num_classes == 0``) ignores ``class_labels`` (data modules pass labels whether or not the model uses
     them).
     With classes, label -1 or ``class_labels=None`` is the null class: an all-zero one-hot, so only the label
@@ -194,14 +200,15 @@ class DDPMppUNet(nn.Module):
         self,
         x: Tensor,
         noise_labels: Tensor,
-        class_labels: Tensor | None = None,
+        cond: Mapping[str, Tensor] | None = None,
         augment_labels: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, C, H, W); noise_labels: (B,) float (or one value for all); class_labels: (B,) int64 in
-        [-1, K) or None; augment_labels: (B, augment_dim) or None -> F_theta: (B, C, H, W)."""
+        """x: (B, C, H, W); noise_labels: (B,) float (or one value for all); cond: ``{"label": (B,) int64 in
+        [-1, K)}`` or None (other keys are not read); augment_labels: (B, augment_dim) or None -> F_theta:
+        (B, C, H, W)."""
         batch_size = check_batch(x, self.data_shape)
         noise_labels = noise_vector(noise_labels, batch_size, x.device)
-        emb = self.embed(noise_labels, class_labels, augment_labels)
+        emb = self.embed(noise_labels, class_labels_of(cond), augment_labels)
 
         skips: list[Tensor] = []
         aux = x

@@ -354,12 +354,13 @@ def generate_samples(
 ) -> tuple[Tensor, Tensor]:
     """A model's samples for ``seeds`` (B,): ``(x (B, *S) on the CPU, labels (B,))`` via ``module.generate_many``.
 
-    Labels follow ``generate_many``: ``seed % num_classes`` for a class-conditional model, else -1.
+    Labels are the generation conditions' ``"label"`` entries for a class-conditional model, else -1.
     """
     xs, labels = [], []
-    for chunk, result in module.generate_many(torch.as_tensor(seeds, dtype=torch.int64), batch_size, spec):
+    for chunk, cond, result in module.generate_many(torch.as_tensor(seeds, dtype=torch.int64), batch_size, spec):
         xs.append(result.x.float().cpu())
-        labels.append(chunk % module.num_classes if module.class_conditional else torch.full_like(chunk, -1))
+        used = cond.get("label") if module.conditioner.conditional else None
+        labels.append(used.cpu() if used is not None else torch.full_like(chunk, -1))
     if not xs:
         raise ValueError("no seeds given: no samples to generate")
     return torch.cat(xs), torch.cat(labels)

@@ -1,13 +1,15 @@
 """Samplers in sigma space, one signature for all (k-diffusion style).
 
-``sampler(denoiser, x, sigmas, *, class_labels=None, generator=None, callback=None, **options) -> SampleResult``
+``sampler(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, **options) -> SampleResult``
 
-- ``denoiser``: D(x, sigma, class_labels) (see :mod:`lightning_dpmot.diffusion.denoiser`).
+- ``denoiser``: D(x, sigma, cond) (see :mod:`lightning_dpmot.diffusion.denoiser`); guidance is a denoiser wrapper.
+- ``cond``: the condition mapping (``{"label": (B,)}``, text states, ...), passed to the denoiser untouched.
 - ``x``: (B, *S) initial state at level ``sigmas[0]`` (noise scaled by ``sigmas[0]``, or an OT-mapped latent).
 - ``sigmas``: (N + 1,) descending noise levels ending in 0.
 - ``generator``: randomness for stochastic samplers (a :class:`torch.Generator` or a per-sample
   :class:`~lightning_dpmot.utils.random.StackedGenerator`).
-- ``callback``: called after every step with a dict ``{"i", "x", "sigma", "sigma_next", "denoised"}``; used to
+- ``callback``: called after every step with a dict ``{"i", "x_in", "x", "sigma", "sigma_next", "denoised"}`` (the
+  state ``x_in`` at level ``sigma`` that the step started from, the new state ``x`` at ``sigma_next``); used to
   record trajectories (curvature metrics) or show progress.
 
 Every sampler returns the final sample and its exact number of network function evaluations (NFE).
@@ -23,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.denoiser import CountingDenoiser, Denoiser
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -60,15 +63,22 @@ def _setup(denoiser: Denoiser, x: Tensor, sigmas: Tensor) -> tuple[CountingDenoi
     return CountingDenoiser(denoiser), x.to(torch.float64), sigmas.to(device=x.device, dtype=torch.float64)
 
 
-def _denoise(D: CountingDenoiser, x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
-    return D(x, sigma.to(x.dtype).expand(x.shape[0]), class_labels).to(x.dtype)
+def _denoise(D: CountingDenoiser, x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+    return D(x, sigma.to(x.dtype).expand(x.shape[0]), cond).to(x.dtype)
 
 
 def _emit(
-    callback: StepCallback | None, i: int, x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor
+    callback: StepCallback | None,
+    i: int,
+    x_in: Tensor,
+    x: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    denoised: Tensor,
 ) -> None:
     if callback is not None:
-        callback({"i": i, "x": x, "sigma": float(sigma), "sigma_next": float(sigma_next), "denoised": denoised})
+        info = {"i": i, "x_in": x_in, "x": x, "sigma": float(sigma), "sigma_next": float(sigma_next)}
+        callback({**info, "denoised": denoised})
 
 
 @torch.no_grad()
@@ -77,7 +87,7 @@ def sample_euler(
     x: Tensor,
     sigmas: Tensor,
     *,
-    class_labels: Tensor | None = None,
+    cond: Cond | None = None,
     generator: torch.Generator | NoiseSource | None = None,
     callback: StepCallback | None = None,
 ) -> SampleResult:
@@ -88,22 +98,22 @@ def sample_euler(
     D, x, sigmas = _setup(denoiser, x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoise(D, x, sigma, class_labels)
+        denoised = _denoise(D, x, sigma, cond)
         d = (x - denoised) / sigma
-        x = x + (sigma_next - sigma) * d
-        _emit(callback, i, x, sigma, sigma_next, denoised)
+        x_in, x = x, x + (sigma_next - sigma) * d
+        _emit(callback, i, x_in, x, sigma, sigma_next, denoised)
     return SampleResult(x, D.nfe)
 
 
 def _heun_step(
-    D: CountingDenoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, class_labels: Tensor | None
+    D: CountingDenoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: Cond | None
 ) -> tuple[Tensor, Tensor]:
     """One step of EDM's Algorithm 1 (Euler + trapezoidal correction unless sigma_next = 0)."""
-    denoised = _denoise(D, x, sigma, class_labels)
+    denoised = _denoise(D, x, sigma, cond)
     d = (x - denoised) / sigma
     x_next = x + (sigma_next - sigma) * d
     if sigma_next > 0:
-        d_prime = (x_next - _denoise(D, x_next, sigma_next, class_labels)) / sigma_next
+        d_prime = (x_next - _denoise(D, x_next, sigma_next, cond)) / sigma_next
         x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime)
     return x_next, denoised
 
@@ -114,15 +124,16 @@ def sample_heun(
     x: Tensor,
     sigmas: Tensor,
     *,
-    class_labels: Tensor | None = None,
+    cond: Cond | None = None,
     generator: torch.Generator | NoiseSource | None = None,
     callback: StepCallback | None = None,
 ) -> SampleResult:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1). NFE = 2N - 1."""
     D, x, sigmas = _setup(denoiser, x, sigmas)
     for i in range(len(sigmas) - 1):
-        x, denoised = _heun_step(D, x, sigmas[i], sigmas[i + 1], class_labels)
-        _emit(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+        x_in = x
+        x, denoised = _heun_step(D, x_in, sigmas[i], sigmas[i + 1], cond)
+        _emit(callback, i, x_in, x, sigmas[i], sigmas[i + 1], denoised)
     return SampleResult(x, D.nfe)
 
 
@@ -132,7 +143,7 @@ def sample_heun_stochastic(
     x: Tensor,
     sigmas: Tensor,
     *,
-    class_labels: Tensor | None = None,
+    cond: Cond | None = None,
     generator: torch.Generator | NoiseSource | None = None,
     callback: StepCallback | None = None,
     S_churn: float = 0.0,
@@ -152,8 +163,9 @@ def sample_heun_stochastic(
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + (sigma_hat**2 - sigma**2).sqrt() * S_noise * _randn_like(x, generator)
-        x, denoised = _heun_step(D, x, sigma_hat, sigma_next, class_labels)
-        _emit(callback, i, x, sigma_hat, sigma_next, denoised)
+        x_in = x
+        x, denoised = _heun_step(D, x_in, sigma_hat, sigma_next, cond)
+        _emit(callback, i, x_in, x, sigma_hat, sigma_next, denoised)
     return SampleResult(x, D.nfe)
 
 
@@ -173,7 +185,7 @@ def sample_euler_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    class_labels: Tensor | None = None,
+    cond: Cond | None = None,
     generator: torch.Generator | NoiseSource | None = None,
     callback: StepCallback | None = None,
     eta: float = 1.0,
@@ -186,10 +198,11 @@ def sample_euler_ancestral(
     D, x, sigmas = _setup(denoiser, x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoise(D, x, sigma, class_labels)
+        denoised = _denoise(D, x, sigma, cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = denoised + sigma_down * (x - denoised) / sigma
+        x_in = x
+        x = denoised + sigma_down * (x_in - denoised) / sigma
         if sigma_up > 0:
             x = x + sigma_up * _randn_like(x, generator)
-        _emit(callback, i, x, sigma, sigma_next, denoised)
+        _emit(callback, i, x_in, x, sigma, sigma_next, denoised)
     return SampleResult(x, D.nfe)

@@ -1,14 +1,19 @@
-"""A sampler configuration that YAML files, the FID callback and ``dpmot predict`` share."""
+"""A sampler configuration that YAML files, the FID callback and ``dpmot predict`` share.
+
+:class:`SamplerSpec` describes the ODE/SDE solver only; guidance is configured apart
+(:class:`~lightning_dpmot.diffusion.guidance.GuidanceSpec`) and wraps the denoiser before it reaches the sampler.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from lightning_dpmot.diffusion.denoiser import CFGDenoiser, Denoiser
+from lightning_dpmot.diffusion.conditioning import Cond
+from lightning_dpmot.diffusion.denoiser import Denoiser
 from lightning_dpmot.sampling.samplers import (
     NoiseSource,
     SampleResult,
@@ -20,7 +25,7 @@ from lightning_dpmot.sampling.samplers import (
 )
 
 SamplerName = Literal["heun", "euler", "stochastic", "ddim", "ddpm"]
-SAMPLER_NAMES: tuple[str, ...] = ("heun", "euler", "stochastic", "ddim", "ddpm")
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 _SECOND_ORDER = ("heun", "stochastic")
 
 
@@ -39,7 +44,6 @@ class SamplerSpec:
         sigma_max: starting level (None: the model's default; DPM-OT starts lower, at its junction level).
         eta: DDIM stochasticity (ddim only).
         S_churn: EDM churn (stochastic only); S_min, S_max: churn window; S_noise: noise inflation.
-        guidance_scale: classifier-free guidance weight w (1 = plain conditional model).
     """
 
     name: SamplerName = "heun"
@@ -53,7 +57,6 @@ class SamplerSpec:
     S_min: float = 0.0
     S_max: float = float("inf")
     S_noise: float = 1.0
-    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLER_NAMES:
@@ -75,9 +78,6 @@ class SamplerSpec:
             return cls(name=name, num_steps=(nfe + 1) // 2, **kwargs)  # type: ignore[arg-type]
         return cls(name=name, num_steps=nfe, **kwargs)  # type: ignore[arg-type]
 
-    def with_steps(self, num_steps: int) -> SamplerSpec:
-        return replace(self, num_steps=num_steps)
-
     @property
     def tag(self) -> str:
         """Short name for logs and tables, e.g. ``heun-karras-rho7``."""
@@ -92,14 +92,15 @@ def run_sampler(
     x: Tensor,
     sigmas: Tensor,
     *,
-    class_labels: Tensor | None = None,
+    cond: Cond | None = None,
     generator: torch.Generator | NoiseSource | None = None,
     callback: StepCallback | None = None,
 ) -> SampleResult:
-    """Run the sampler named by ``spec`` from ``x`` at ``sigmas[0]`` (see :mod:`lightning_dpmot.sampling.samplers`)."""
-    if spec.guidance_scale != 1.0 and class_labels is not None:
-        denoiser = CFGDenoiser(denoiser, spec.guidance_scale)
-    kwargs = {"class_labels": class_labels, "generator": generator, "callback": callback}
+    """Run the sampler named by ``spec`` from ``x`` at ``sigmas[0]`` (see :mod:`lightning_dpmot.sampling.samplers`).
+
+    ``denoiser`` is used as given: wrap it for guidance first (:meth:`GuidanceSpec.wrap`).
+    """
+    kwargs = {"cond": cond, "generator": generator, "callback": callback}
     if spec.name == "heun":
         return sample_heun(denoiser, x, sigmas, **kwargs)
     if spec.name == "euler":

@@ -71,7 +71,7 @@ def test_sweep_writes_table_plot_and_curvature(tmp_path: Path) -> None:
     x_train = torch.stack([dm.dataset("train")[i]["x"] for i in range(len(dm.dataset("train")))])
     mu_r, s_r = feature_statistics(feature((x_train + 1) / 2))
     seeds = torch.arange(48)
-    x = model.generate(seeds, seeds % 10, sweep.specs[0]).x
+    x = model.generate(seeds, {"label": seeds % 10}, sweep.specs[0]).x
     mu_f, s_f = feature_statistics(feature((x + 1) / 2))
     first_range = frechet_distance(mu_r, s_r, mu_f, s_f)
     assert first_range >= float(rows[0]["fid"]) - 1e-3 * first_range  # min over ranges <= this range

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_dpmot.diffusion.guidance import GuidanceSpec
 from lightning_dpmot.sampling.spec import SamplerSpec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -23,11 +24,12 @@ def test_cfg_samples_equal_the_pre_refactor_reference() -> None:
     maker = _maker()
     ref = torch.load(FIXTURES / "cfg_reference.pt", weights_only=True)
     model = maker.build_model()
-    model.load_state_dict(ref["state_dict"])
+    model.load_state_dict(ref["state_dict"])  # pre-rename keys (net.net.*): upgraded on load
     seeds = torch.tensor(maker.SEEDS)
     for (name, steps, w, extra), expected in zip(maker.SETTINGS, ref["samples"], strict=True):
-        got = model.generate(seeds, ref["labels"], SamplerSpec(name, num_steps=steps, guidance_scale=w, **extra)).x
+        spec = SamplerSpec(name, num_steps=steps, **extra)
+        got = model.generate(seeds, {"label": ref["labels"]}, spec, GuidanceSpec(scale=w)).x
         assert torch.equal(got, expected), f"{name} w={w}: max |diff| {(got - expected).abs().max():.3g}"
     # guidance matters for this model, so the comparison above can fail: w = 1 differs from the stored w = 2
-    plain = model.generate(seeds, ref["labels"], SamplerSpec("heun", num_steps=4)).x
+    plain = model.generate(seeds, {"label": ref["labels"]}, SamplerSpec("heun", num_steps=4)).x
     assert (plain - ref["samples"][0]).abs().max() > 1e-3

@@ -20,8 +20,6 @@ from lightning_dpmot.sampling import SamplerSpec, karras_sigmas
 from lightning_dpmot.utils.random import make_generator
 
 
-
-
 def trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",
@@ -42,7 +40,7 @@ def linear_abar(T: int = 1000) -> torch.Tensor:
 
 
 class SpyNet(torch.nn.Module):
-    """Records (x_t, t, class_labels); predicts eps = 0.3 x_t + 1e-3 t + w."""
+    """Records (x_t, t, cond["label"]); predicts eps = 0.3 x_t + 1e-3 t + w."""
 
     def __init__(self, data_shape, num_classes=0):
         super().__init__()
@@ -50,8 +48,8 @@ class SpyNet(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
-    def forward(self, x, t, class_labels=None):
-        labels = None if class_labels is None else class_labels.detach().clone()
+    def forward(self, x, t, cond=None):
+        labels = None if not cond else cond["label"].detach().clone()
         self.inputs.append((x.detach().clone(), t.detach().clone(), labels))
         return 0.3 * x + 1e-3 * t.reshape(-1, *[1] * (x.ndim - 1)) + self.w
 
@@ -64,7 +62,7 @@ class OracleEps(torch.nn.Module):
         super().__init__()
         self.y, self.log_sigmas = y, schedule.log_sigmas
 
-    def forward(self, x, t, class_labels=None):
+    def forward(self, x, t, cond=None):
         t = t.double()
         low = t.floor().long().clamp(0, len(self.log_sigmas) - 2)
         w = t - low
@@ -75,7 +73,7 @@ class OracleEps(torch.nn.Module):
 
 def oracle_model(y: torch.Tensor, **kwargs: object) -> DPMModule:
     sched = VPSchedule(kwargs.get("beta_schedule", "linear"), kwargs.get("T", 1000))  # type: ignore[arg-type]
-    return DPMModule(lambda shape, classes: OracleEps(y, sched), data_shape=tuple(y.shape[1:]), **kwargs)
+    return DPMModule(lambda shape, **_: OracleEps(y, sched), data_shape=tuple(y.shape[1:]), **kwargs)
 
 
 class ZeroNoise(L.Callback):
@@ -103,7 +101,7 @@ def test_loss_equals_l_simple_by_hand() -> None:
     expected = ((eps - noise.double()) ** 2).mean(dim=(1, 2, 3))
     assert loss.shape == (6,)
     assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    net_x, net_t, net_labels = model.eps_net.inputs[0]
+    net_x, net_t, net_labels = model.denoiser.raw_net.inputs[0]
     assert torch.allclose(net_x.double(), x_t, atol=1e-6)  # x_t = sqrt(abar) x + sqrt(1 - abar) eps
     assert net_t.dtype == torch.float32 and torch.equal(net_t, t.float()) and net_labels is None
 
@@ -117,7 +115,7 @@ def test_timesteps_cover_zero_to_T_minus_one_uniformly() -> None:
 def test_training_step_uses_noise_supplied_in_the_batch(tmp_path: Path) -> None:
     model, cb = DPMModule(SpyNet), ZeroNoise()
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, DigitsDataModule(batch_size=16))
-    net_x, net_t, _ = model.eps_net.inputs[0]
+    net_x, net_t, _ = model.denoiser.raw_net.inputs[0]
     abar = linear_abar()[net_t.long()].reshape(-1, 1, 1, 1)
     assert torch.allclose(net_x.double(), abar.sqrt() * cb.x.double(), atol=1e-6)  # x_t = sqrt(abar) x + 0
 
@@ -127,20 +125,22 @@ def test_training_step_draws_noise_from_the_hook(tmp_path: Path) -> None:
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, DigitsDataModule(batch_size=16))
     x = cb.batch["x"]
     noise = torch.randn(x.shape, generator=make_generator(7, 0, 0, 0, NOISE, 0))  # rank 0, epoch 0, batch 0
-    net_x, net_t, _ = model.eps_net.inputs[0]
+    net_x, net_t, _ = model.denoiser.raw_net.inputs[0]
     abar = linear_abar()[net_t.long()].reshape(-1, 1, 1, 1)
     assert torch.allclose(net_x.double(), abar.sqrt() * x + (1 - abar).sqrt() * noise, atol=1e-6)
 
 
 def test_class_labels_and_dropout_reach_the_network(tmp_path: Path) -> None:
     model, cb = DPMModule(SpyNet, num_classes=10, class_conditional=True, label_dropout=0.5, seed=11), RecordBatch()
-    assert model.eps_net.num_classes == 10
+    assert model.denoiser.raw_net.num_classes == 10
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, DigitsDataModule(batch_size=64))
-    labels = model.eps_net.inputs[0][2]
+    labels = model.denoiser.raw_net.inputs[0][2]
     drop = torch.rand(64, generator=make_generator(11, 0, 0, 0, LABEL_DROP, 0)) < 0.5
     assert torch.equal(labels, torch.where(drop, -1, cb.batch["label"])) and 0 < drop.sum() < 64
     uncond = DPMModule(SpyNet, num_classes=10)
-    assert uncond.eps_net.num_classes == 0 and uncond.class_labels({"label": torch.arange(3)}) is None
+    assert (
+        uncond.denoiser.raw_net.num_classes == 0 and uncond.conditioner.from_batch({"label": torch.arange(3)}) is None
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ schedules

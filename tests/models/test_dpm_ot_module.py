@@ -23,8 +23,6 @@ from lightning_dpmot.utils.random import make_generator
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-
 def edm_checkpoint(root: Path) -> Path:
     """A class-conditional tiny EDM trained 2 steps through ``dpmot fit``."""
     return tiny_edm_checkpoint(root, class_conditional=True)
@@ -78,7 +76,7 @@ def test_expressway_starts_at_sigma_s_from_the_stored_latent_and_counts_only_net
     targets = targets_of(ckpts)
     first: list[dict[str, object]] = []
     calls: list[int] = []
-    hook = m.inner.net.register_forward_hook(lambda *args: calls.append(1))
+    hook = m.inner.denoiser.register_forward_hook(lambda *args: calls.append(1))
     result = m.expressway(torch.arange(6), callback=lambda step: first.append(step) if step["i"] == 0 else None)
     hook.remove()
     assert result.x.shape == (6, 1, 8, 8) and result.x.abs().max() <= 1
@@ -149,7 +147,7 @@ def test_generated_targets_fit_from_a_diffusion_checkpoint(ckpts: dict[str, Path
         default_root_dir=tmp_path,
     ).fit(ot, DigitsDataModule(batch_size=16))
     t = ot.targets
-    samples = load_diffusion_module(ckpts["edm"]).generate(torch.arange(8), torch.arange(8), spec).x
+    samples = load_diffusion_module(ckpts["edm"]).generate(torch.arange(8), {"label": torch.arange(8)}, spec).x
     assert t.ids.tolist() == [-1] * 8 and t.labels.tolist() == list(range(8))
     assert torch.allclose(t.clean, samples, atol=1e-6)
     noise = torch.randn(1, 8, 8, generator=make_generator(0, GENERATED_NOISE, 5, 0))
@@ -179,3 +177,30 @@ def test_bad_checkpoints_and_shapes_fail_clearly(ckpts: dict[str, Path], tmp_pat
     other = targets_of(ckpts, "ot_small").save(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="does not hold the targets OT checkpoint"):
         module(ckpts, targets_file=str(other))
+
+
+def test_curvature_is_measured_from_the_mapped_latents(ckpts: dict[str, Path]) -> None:
+    """NFESweep's trajectory metrics go through generate's step callback, so for DPM-OT they start at the OT-mapped
+    latents at sigma_s (before the generation protocol they started from Gaussian noise * sigma_s)."""
+    from lightning_dpmot.callbacks.nfe_sweep import NFESweep
+    from lightning_dpmot.metrics.curvature import TrajectoryRecorder, mean_trajectory_metrics
+
+    m = module(ckpts)
+    sweep = NFESweep(samplers=["heun"], nfe=[3], curvature_samples=6, curvature_steps=4)
+    measured = sweep.measure_curvature(m)
+    seeds = torch.arange(6) + 10_000_000  # the sweep's curvature seeds
+    spec = SamplerSpec("heun", num_steps=4)
+    recorder = TrajectoryRecorder()
+    result = m.expressway(seeds, spec=spec, callback=recorder)
+    assert torch.equal(recorder.x_start, result.latents.double())  # the trajectory starts at the mapped latents
+    expected = mean_trajectory_metrics(*recorder.stack())
+    assert measured["curvature"] == pytest.approx(expected["curvature"], rel=1e-12)
+    assert measured["deviation"] == pytest.approx(expected["deviation"], rel=1e-12)
+    # the old measurement (Gaussian noise at sigma_s) gives other trajectories
+    noise_start = TrajectoryRecorder()
+    sigmas = m.sigmas_for(spec)
+    from lightning_dpmot.utils.random import StackedGenerator
+
+    x = StackedGenerator(seeds).randn(m.data_shape).double() * sigmas[0]
+    m.inner.sample_from(x, sigmas, cond={"label": result.labels}, spec=spec, callback=noise_start)
+    assert mean_trajectory_metrics(*noise_start.stack())["curvature"] != pytest.approx(measured["curvature"])

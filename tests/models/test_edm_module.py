@@ -39,7 +39,7 @@ class SpyNet(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x, noise_labels, class_labels=None):
+    def forward(self, x, noise_labels, cond=None):
         self.inputs.append((x.detach().clone(), noise_labels.detach().clone()))
         return torch.zeros_like(x) + self.w
 
@@ -56,7 +56,7 @@ def test_training_step_uses_noise_supplied_in_the_batch(tmp_path: Path) -> None:
     model = tiny_edm(net=SpyNet)
     cb = ZeroNoise()
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, DigitsDataModule(batch_size=16))
-    net_in, c_noise = model.net.net.inputs[0]
+    net_in, c_noise = model.denoiser.raw_net.inputs[0]
     sigma = (4 * c_noise).exp()
     expected = cb.x * edm_precond(sigma).c_in.reshape(-1, 1, 1, 1)  # x = y + sigma * 0
     assert torch.allclose(net_in, expected, atol=1e-6)
@@ -79,11 +79,12 @@ def test_noise_hook_differs_by_rank_step_and_epoch_and_is_reproducible() -> None
 
 def test_label_dropout_rate_and_null_label() -> None:
     model = tiny_edm(class_conditional=True, label_dropout=0.25)
-    labels = model.class_labels({"label": torch.arange(10).repeat(400)}, torch.Generator().manual_seed(0))
+    cond = model.conditioner.from_batch({"label": torch.arange(10).repeat(400), "x": torch.zeros(4000)})
+    labels = model.conditioner.drop(cond, torch.Generator().manual_seed(0))["label"]
     dropped = labels == -1
     assert 0.22 < dropped.float().mean().item() < 0.28
     assert torch.equal(labels[~dropped], torch.arange(10).repeat(400)[~dropped])
-    assert tiny_edm().class_labels({"label": torch.arange(3)}) is None  # unconditional: labels ignored
+    assert tiny_edm().conditioner.from_batch({"label": torch.arange(3)}) is None  # unconditional: labels ignored
     with pytest.raises(ValueError, match="num_classes >= 1"):
         tiny_edm(num_classes=0, class_conditional=True)
 

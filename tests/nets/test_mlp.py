@@ -11,8 +11,6 @@ import torch
 from lightning_dpmot.nets import MLPDenoiserNet
 
 
-
-
 def perturb_(net: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """Add Gaussian noise to every parameter, so that the near-zero output layer no longer hides the trunk."""
     gen = torch.Generator().manual_seed(seed)
@@ -44,19 +42,19 @@ def test_class_conditioning_and_null_label() -> None:
     torch.manual_seed(0)
     net = perturb_(MLPDenoiserNet((2,), 4, hidden=32, num_layers=2))
     x, sigma = torch.randn(1, 2).expand(5, -1), torch.full((5,), -0.2)
-    out = net(x, sigma, torch.tensor([0, 1, 2, 3, -1]))
+    out = net(x, sigma, {"label": torch.tensor([0, 1, 2, 3, -1])})
     assert torch.cdist(out, out).add(torch.eye(5)).min().item() > 1e-3  # five distinct outputs
     null = net(x, sigma)  # class_labels=None
-    torch.testing.assert_close(net(x, sigma, torch.full((5,), -1)), null, rtol=0, atol=0)
+    torch.testing.assert_close(net(x, sigma, {"label": torch.full((5,), -1)}), null, rtol=0, atol=0)
     torch.testing.assert_close(out[4], null[0])
     with pytest.raises(ValueError, match=r"class_labels must lie in \[-1, 3\]"):
-        net(x, sigma, torch.tensor([0, 1, 2, 3, 4]))
+        net(x, sigma, {"label": torch.tensor([0, 1, 2, 3, 4])})
 
 
 def test_unconditional_net_ignores_class_labels() -> None:
     net = perturb_(MLPDenoiserNet((2,), 0, hidden=32, num_layers=2))
     x, sigma = torch.randn(3, 2), torch.randn(3)
-    torch.testing.assert_close(net(x, sigma, torch.tensor([1, 2, -1])), net(x, sigma), rtol=0, atol=0)
+    torch.testing.assert_close(net(x, sigma, {"label": torch.tensor([1, 2, -1])}), net(x, sigma), rtol=0, atol=0)
 
 
 def test_bad_shapes() -> None:
@@ -79,15 +77,15 @@ def test_fits_a_conditional_function() -> None:
         return x, t, k, y
 
     x, t, k, y = batch(1024)
-    initial = (net(x, t, k) - y).square().mean().item()
+    initial = (net(x, t, {"label": k}) - y).square().mean().item()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(200):
         xb, tb, kb, yb = batch(256)
-        loss = (net(xb, tb, kb) - yb).square().mean()
+        loss = (net(xb, tb, {"label": kb}) - yb).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    final = (net(x, t, k) - y).square().mean().item()
+    final = (net(x, t, {"label": k}) - y).square().mean().item()
     assert final < initial / 20, (initial, final)
 
 

@@ -25,8 +25,6 @@ from lightning_dpmot.nets.layers import (
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
 
 
-
-
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Add Gaussian noise to every parameter, so that the near-zero output layers no longer hide the trunk."""
     gen = torch.Generator().manual_seed(seed)
@@ -151,20 +149,20 @@ def test_class_conditioning() -> None:
     torch.manual_seed(0)
     net = perturb_(DDPMppUNet((1, 8, 8), 3, **TINY)).eval()
     x, sigma = torch.randn(1, 1, 8, 8).expand(4, -1, -1, -1), torch.full((4,), 0.3)
-    out = net(x, sigma, torch.tensor([0, 1, 2, -1]))
+    out = net(x, sigma, {"label": torch.tensor([0, 1, 2, -1])})
     for i in range(4):
         for j in range(i):
             assert (out[i] - out[j]).abs().max().item() > 1e-3, f"labels {i} and {j} give the same output"
     # -1 is the null label: identical to class_labels=None (only the label map's bias enters)
     null = net(x, sigma, None)
-    torch.testing.assert_close(net(x, sigma, torch.full((4,), -1)), null, rtol=0, atol=0)
+    torch.testing.assert_close(net(x, sigma, {"label": torch.full((4,), -1)}), null, rtol=0, atol=0)
     torch.testing.assert_close(out[3], null[0])
 
 
 def test_unconditional_net_ignores_class_labels() -> None:
     net = perturb_(DDPMppUNet((1, 8, 8), 0, **TINY)).eval()
     x, sigma = torch.randn(3, 1, 8, 8), torch.randn(3)
-    torch.testing.assert_close(net(x, sigma, torch.tensor([0, 5, -1])), net(x, sigma), rtol=0, atol=0)
+    torch.testing.assert_close(net(x, sigma, {"label": torch.tensor([0, 5, -1])}), net(x, sigma), rtol=0, atol=0)
 
 
 def test_class_label_errors() -> None:
@@ -173,11 +171,11 @@ def test_class_label_errors() -> None:
     with pytest.raises(
         ValueError, match=r"class_labels must lie in \[-1, 9\] \(-1 = no class\), got values in \[0, 10\]"
     ):
-        net(x, sigma, torch.tensor([0, 10]))
+        net(x, sigma, {"label": torch.tensor([0, 10])})
     with pytest.raises(ValueError, match="class_labels must be an integer tensor"):
-        net(x, sigma, torch.tensor([0.0, 1.0]))
+        net(x, sigma, {"label": torch.tensor([0.0, 1.0])})
     with pytest.raises(ValueError, match=r"class_labels must have shape \(2,\), got \(2, 10\)"):
-        net(x, sigma, torch.zeros(2, 10, dtype=torch.long))
+        net(x, sigma, {"label": torch.zeros(2, 10, dtype=torch.long)})
 
 
 def test_class_one_hot() -> None:
@@ -292,7 +290,7 @@ def test_training_steps_reduce_loss() -> None:
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = (net(x, sigma, labels) - target).square().mean()
+        loss = (net(x, sigma, {"label": labels}) - target).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

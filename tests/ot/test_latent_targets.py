@@ -76,7 +76,7 @@ def test_generated_targets_are_samples_plus_noise_keyed_by_generation_seed() -> 
     model = tiny_edm(class_conditional=True).eval()
     spec = SamplerSpec("euler", num_steps=2)
     t = targets_from_model(model, 5, 0.2, seed_offset=10, spec=spec, batch_size=2, seed=1)
-    samples = model.generate(torch.arange(10, 15), torch.arange(10, 15) % 10, spec).x
+    samples = model.generate(torch.arange(10, 15), {"label": torch.arange(10, 15) % 10}, spec).x
     assert t.ids.tolist() == [-1] * 5 and t.labels.tolist() == [0, 1, 2, 3, 4]
     assert torch.allclose(t.clean, samples, atol=1e-6)
     for j in range(5):

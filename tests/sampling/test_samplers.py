@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_dpmot.diffusion import CFGDenoiser, VPEpsDenoiser, VPSchedule
+from lightning_dpmot.diffusion import CFGDenoiser, GuidanceSpec, VPEpsDenoiser, VPSchedule
 from lightning_dpmot.sampling import (
     SamplerSpec,
     ancestral_step,
@@ -22,7 +22,7 @@ from lightning_dpmot.sampling import (
 S_DATA = 1.0
 
 
-def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
     """Exact denoiser for data ~ N(0, S_DATA^2 I): D = s^2 / (s^2 + sigma^2) x. The PF-ODE is linear."""
     return S_DATA**2 / (S_DATA**2 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2) * x
 
@@ -66,7 +66,7 @@ def test_heun_is_second_order_and_euler_first_order() -> None:
 def test_nfe_counts(sampler, n: int, nfe: int) -> None:
     calls = []
 
-    def D(x, sigma, class_labels=None):
+    def D(x, sigma, cond=None):
         calls.append(1)
         return gaussian_denoiser(x, sigma)
 
@@ -122,7 +122,7 @@ def test_ddim_eta0_equals_euler() -> None:
 class FixedEps(torch.nn.Module):
     """A deterministic 'epsilon network' so that VP-space DDIM can be computed by hand."""
 
-    def forward(self, x, t, class_labels=None):
+    def forward(self, x, t, cond=None):
         return torch.tanh(x + 0.01 * t.reshape(-1, 1))
 
 
@@ -173,7 +173,7 @@ def test_vp_eps_denoiser_recovers_data_with_oracle_eps() -> None:
     t = torch.tensor([100, 900])
 
     class Oracle(torch.nn.Module):
-        def forward(self, x, t_in, class_labels=None):
+        def forward(self, x, t_in, cond=None):
             return n
 
     x_ve = y + sched.sigmas[t].reshape(-1, 1) * n
@@ -181,14 +181,20 @@ def test_vp_eps_denoiser_recovers_data_with_oracle_eps() -> None:
 
 
 def test_cfg_combines_conditional_and_unconditional() -> None:
-    def D(x, sigma, class_labels=None):
-        return x + (class_labels >= 0).double().reshape(-1, 1) * 10
+    def D(x, sigma, cond=None):
+        return x + (cond["label"] >= 0).double().reshape(-1, 1) * 10
+
+    def null(cond):
+        return {"label": torch.full_like(cond["label"], -1)}
 
     x = torch.zeros(2, 1, dtype=torch.float64)
-    labels = torch.tensor([3, 4])
-    assert torch.allclose(CFGDenoiser(D, 1.0)(x, torch.ones(2), labels), x + 10)
-    assert torch.allclose(CFGDenoiser(D, 0.0)(x, torch.ones(2), labels), x)
-    assert torch.allclose(CFGDenoiser(D, 2.5)(x, torch.ones(2), labels), x + 25)
+    cond = {"label": torch.tensor([3, 4])}
+    assert torch.allclose(CFGDenoiser(D, 1.0, null)(x, torch.ones(2), cond), x + 10)
+    assert torch.allclose(CFGDenoiser(D, 0.0, null)(x, torch.ones(2), cond), x)
+    assert torch.allclose(CFGDenoiser(D, 2.5, null)(x, torch.ones(2), cond), x + 25)
+    # the spec object builds the same wrapper, and none for w = 1 or an unconditional model
+    assert torch.allclose(GuidanceSpec(scale=2.5).wrap(D, null)(x, torch.ones(2), cond), x + 25)
+    assert GuidanceSpec(scale=1.0).wrap(D, null) is D and GuidanceSpec(scale=3.0).wrap(D, None) is D
 
 
 def test_run_sampler_dispatch_and_bad_schedule() -> None:

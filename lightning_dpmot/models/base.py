@@ -36,7 +36,6 @@ from lightning_dpmot.diffusion.guidance import GuidanceSpec
 from lightning_dpmot.models.generation import PREDICT_STREAM, GenerativeModule
 from lightning_dpmot.sampling.samplers import NoiseSource, SampleResult, StepCallback
 from lightning_dpmot.sampling.spec import SamplerSpec, run_sampler
-from lightning_dpmot.utils.distributed import rank_seeds  # noqa: F401  (old import path, until callers move)
 from lightning_dpmot.utils.random import StackedGenerator, global_seed, make_generator, mix_seed
 
 NetFactory = Callable[..., nn.Module]

@@ -98,4 +98,4 @@ def test_batch_larger_than_the_split_is_one_cli_error(tmp_path: Path, capsys: py
         main(["fit", "--config", str(_config(tmp_path, data)), "--trainer.max_steps=1"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "dpmot: error: ValueError: digits-8px: batch_size=2000 is larger than the training split of 1528 items" in err
+    assert "dpmot: error: ValueError: digits-8px: batch_size=2000 is larger than the training split of 1528" in err

@@ -3,23 +3,74 @@
 Lightning 2.x ships no ``lightning fit`` command; ``dpmot`` (or ``python -m lightning_dpmot``) is this project's
 LightningCLI. Models and DataModules are chosen by ``class_path`` in YAML (subclass mode); the DataModule's
 ``data_shape`` and ``num_classes`` are linked into the model, which builds its network from them.
+
+Reliability (see the README's reliability section):
+
+- ``--ckpt_path`` (file or URL) is loaded only through :mod:`lightning_dpmot.utils.checkpoint_io` with
+  ``weights_only=True``; remote URLs are refused unless ``DPMOT_ALLOW_REMOTE_CKPT=1``. Every trainer gets
+  :class:`~lightning_dpmot.utils.checkpoint_io.SafeCheckpointIO` (atomic writes, weights-only loads).
+- Hyperparameters stored in the checkpoint are merged into the config (Lightning's behaviour), but a flag given
+  on the command line that disagrees with them is an error in ``fit`` (resume must be faithful) and wins with a
+  warning in ``validate``/``test``/``predict`` (network architecture excepted); a checkpoint of another model class,
+  network, ``data_shape`` or ``num_classes`` is refused with a message naming both.
+- Every trainer gets :class:`~lightning_dpmot.callbacks.GracefulShutdown` (SIGTERM/SIGINT → checkpoint → exit
+  143/130) and :class:`~lightning_dpmot.callbacks.NonFiniteGuard` (NaN/inf → exit 3) unless the config has them.
+- ``num_threads`` (top level, like ``seed_everything``) pins ``torch.set_num_threads`` before anything is built.
+- Relative logger ``save_dir``\\ s are relative to ``trainer.default_root_dir`` when it is set; an unwritable output
+  directory is an error before anything runs; a failed run leaves no empty ``version_N/``.
+- User errors print one ``dpmot: error: …`` line and exit 2 (non-finite values: 3); ``DPMOT_DEBUG=1`` re-raises.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
-from typing import Any
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Optional
 
 import lightning as L
 import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
+from lightning_dpmot.callbacks.signals import GracefulShutdown
+from lightning_dpmot.errors import NonFiniteError, TrainingInterrupted
+from lightning_dpmot.utils.checkpoint_io import (
+    LIGHTNING_CKPT_ALIASES,
+    CheckpointError,
+    SafeCheckpointIO,
+    download_checkpoint,
+    is_remote,
+    load_local_checkpoint,
+)
+
+USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
+# files a run writes before its first step; a version folder holding nothing else is removed after a failure
+_SETUP_ONLY_FILES = {"config.yaml", "hparams.yaml"}
+
 
 class SaveConfigToLoggers(SaveConfigCallback):
     """Save ``config.yaml`` to the log directory (Lightning's behaviour) and also into the wandb run's config."""
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite:
+            config_path = Path(trainer.log_dir or trainer.default_root_dir) / self.config_filename  # collective
+            exists = trainer.strategy.broadcast(config_path.is_file() if trainer.is_global_zero else False)
+            if exists:
+                raise FileExistsError(
+                    f"{config_path} already exists: that log directory belongs to an earlier run and would be "
+                    "overwritten; choose another --trainer.default_root_dir (or logger name/version), or move it away"
+                )
+        super().setup(trainer, pl_module, stage)
 
     @override
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -27,23 +78,329 @@ class SaveConfigToLoggers(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 config = self.parser.dump(self.config, skip_none=False, format="yaml")
-                import yaml
-
                 logger.experiment.config.update(yaml.safe_load(config), allow_val_change=True)
 
 
+# ---- helpers: config trees ---------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """Namespaces to dicts, tuples to lists (for comparing config values with checkpoint hyperparameters)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{class_path, init_args}`` trees to dotted keys without ``init_args`` (``net.model_channels``)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping) and "class_path" in tree:
+        out[f"{prefix}class_path"] = tree["class_path"]
+        items: dict[str, Any] = {**(tree.get("init_args") or {}), **(tree.get("dict_kwargs") or {})}
+    elif isinstance(tree, Mapping):
+        items = dict(tree)
+    else:
+        out[prefix.rstrip(".")] = tree
+        return out
+    for key, value in items.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _set_in_hparams(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` (keys without ``init_args``) inside a checkpoint's hyperparameter tree."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+        if isinstance(node, dict) and "class_path" in node:
+            node = node.setdefault("init_args", {})
+    node[parts[-1]] = value
+
+
+def _same_class(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    try:
+        from jsonargparse._util import import_object  # noqa: PLC0415
+
+        return import_object(a) is import_object(b)
+    except Exception:  # noqa: BLE001 - unresolvable names are simply different
+        return str(a).rsplit(".", 1)[-1] == str(b).rsplit(".", 1)[-1]
+
+
+def _short(class_path: Any) -> str:
+    return str(class_path).rsplit(".", 1)[-1]
+
+
+def explicit_model_keys(argv: Iterable[str]) -> set[str]:
+    """Model keys given as command-line flags (``--model.init_args.sigma_data`` → ``sigma_data``; ``""`` = all)."""
+    keys = set()
+    for token in argv:
+        if not isinstance(token, str) or not (token == "--model" or token.startswith(("--model.", "--model="))):
+            continue
+        path = token[2:].split("=", 1)[0].split(".")[1:]
+        keys.add(".".join(p for p in path if p not in ("init_args", "dict_kwargs", "class_path")))
+    return keys
+
+
+def _is_explicit(key: str, explicit: set[str]) -> bool:
+    return any(e == "" or key == e or key.startswith(e + ".") for e in explicit)
+
+
+def _say(message: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(f"dpmot: {message}", file=sys.stderr)
+
+
+def check_config_files(argv: Iterable[str]) -> None:
+    """Parse every ``--config`` YAML file once so that a syntax error names the file, line and column."""
+    argv = list(argv)
+    files = []
+    for i, token in enumerate(argv):
+        if token in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif isinstance(token, str) and token.startswith("--config="):
+            files.append(token.split("=", 1)[1])
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            continue  # jsonargparse reports missing files (or the value is inline YAML)
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config file {path}: YAML syntax error{where}: {problem}") from err
+
+
+def check_writable(path: str | os.PathLike[str], what: str) -> None:
+    """Raise if ``path`` (or the nearest existing folder above it, where it would be created) is not writable."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{what} {target} cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {target} is not writable (no write permission on {probe})")
+
+
 class DPMOTCLI(LightningCLI):
-    """LightningCLI with the project's links and defaults."""
+    """LightningCLI with the project's links, defaults and safety checks (see the module docstring)."""
+
+    _ckpt_hparams: dict[str, Any] | None = None
+    _ckpt_label: str | None = None
+    _explicit: set[str] = set()  # noqa: RUF012 - replaced per instance
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--num_threads",
+            type=Optional[int],
+            default=None,
+            help="torch.set_num_threads before anything is built (results are bit-reproducible for a fixed count)",
+        )
+
+    # ---- parsing ------------------------------------------------------------------------------------------------
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        argv = sys.argv[1:] if args is None else args
+        self._explicit = explicit_model_keys(argv) if isinstance(argv, (list, tuple)) else set()
+        super().parse_arguments(parser, args)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Load ``ckpt_path`` safely and merge its hyperparameters into the config, refusing conflicts."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("weights_only") is False:
+            raise CheckpointError(
+                "--weights_only false is not supported: checkpoints are always loaded with weights_only=True"
+            )
+        if "weights_only" in config:
+            config["weights_only"] = True
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_ALIASES or str(ckpt_path).startswith("registry"):
+            return
+        label = str(ckpt_path)
+        if is_remote(label):
+            local = download_checkpoint(label)  # refused unless DPMOT_ALLOW_REMOTE_CKPT=1
+            atexit.register(local.unlink, missing_ok=True)
+            config["ckpt_path"] = str(local)
+        elif label.startswith("file://"):
+            config["ckpt_path"] = label[len("file://") :]
+        checkpoint = load_local_checkpoint(config["ckpt_path"], "cpu", name=label)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        del checkpoint
+        hparams.pop("_instantiator", None)
+        self._ckpt_hparams, self._ckpt_label = dict(hparams), label
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self._check_hparams(subcommand, label, hparams)
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"dpmot: error: the hyperparameters stored in checkpoint {label} do not parse\n")
+            raise
+
+    def _check_hparams(self, subcommand: str, label: str, hparams: dict[str, Any]) -> None:
+        """Wrong model → error; explicit flags that disagree → error (fit) or flag wins (evaluation)."""
+        wanted = _flatten(_plain(self.config[subcommand].get("model")))
+        stored_tree = {"class_path": hparams.get("class_path"), "init_args": hparams.get("dict_kwargs", {})}
+        stored = _flatten(_plain(stored_tree))
+        stored_desc = ", ".join(
+            f"{k} {stored[k]}" for k in ("net.class_path", "data_shape", "num_classes") if stored.get(k) is not None
+        )
+        for key in sorted(k for k in stored if k.endswith("class_path")):
+            if key in wanted and wanted[key] is not None and stored[key] is not None:
+                if not _same_class(wanted[key], stored[key]):
+                    what = "model class" if key == "class_path" else f"{key.rsplit('.', 1)[0]} class"
+                    raise CheckpointError(
+                        f"checkpoint {label} holds {_short(stored['class_path'])} ({stored_desc}), but the config asks "
+                        f"for {what} {_short(wanted[key])} where the checkpoint has {_short(stored[key])}: it is a "
+                        "checkpoint of another model"
+                    )
+        conflicts = [
+            k
+            for k in sorted(stored)
+            if k in wanted and wanted[k] is not None and not k.endswith("class_path") and _plain(stored[k]) != wanted[k]
+        ]
+        for key in conflicts:
+            both = f"the command line gives {key}={wanted[key]!r} but checkpoint {label} was trained with {stored[key]!r}"
+            if _is_explicit(key, self._explicit):
+                if subcommand == "fit" or key.startswith("net."):
+                    reason = (
+                        "resuming must use the checkpoint's hyperparameters; drop the flag, or start a new run"
+                        if subcommand == "fit"
+                        else "the network's weights cannot take another architecture"
+                    )
+                    raise ValueError(f"{both} ({reason})")
+                _say(f"warning: {both}; using {wanted[key]!r}")
+                _set_in_hparams(hparams["dict_kwargs"], key, wanted[key])
+            else:
+                _say(
+                    f"warning: the config gives model {key}={wanted[key]!r} but checkpoint {label} holds "
+                    f"{stored[key]!r}; using the checkpoint's value"
+                )
+
+    # ---- before building anything --------------------------------------------------------------------------------
+    def _subconfig(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        threads = config.get("num_threads")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        root = trainer.get("default_root_dir")
+        if self.subcommand is not None:
+            check_writable(root or os.getcwd(), "trainer.default_root_dir" if root else "the working directory")
+        for logger in self._logger_configs(trainer.get("logger")):
+            init_args = logger.get("init_args")
+            save_dir = init_args.get("save_dir") if init_args is not None else None
+            if save_dir is None:
+                continue
+            if root and not Path(save_dir).expanduser().is_absolute():
+                init_args["save_dir"] = str(Path(root) / save_dir)
+            if self.subcommand is not None:
+                check_writable(init_args["save_dir"], f"{_short(logger.get('class_path'))} save_dir")
+
+    @staticmethod
+    def _logger_configs(logger: Any) -> list[Namespace]:
+        if isinstance(logger, Namespace):
+            return [logger]
+        if isinstance(logger, list):
+            return [item for item in logger if isinstance(item, Namespace)]
+        return []
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.get("callbacks", config.get("callbacks"))
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if not any(isinstance(c, GracefulShutdown) for c in callbacks):
+            callbacks.append(GracefulShutdown())
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard())
+        kwargs["callbacks"] = callbacks
+        plugins = kwargs.get("plugins", config.get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        strategy = str(config.get("strategy", "auto")).lower()
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not any(
+            s in strategy for s in ("fsdp", "deepspeed", "xla")
+        ):
+            plugins.append(SafeCheckpointIO())
+        kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        hparams, data = self._ckpt_hparams, getattr(self, "datamodule", None)
+        if not hparams or data is None:
+            return
+        for key in ("data_shape", "num_classes"):
+            stored, given = _plain(hparams.get(key)), _plain(getattr(data, key, None))
+            if stored is not None and given is not None and stored != given:
+                raise CheckpointError(
+                    f"checkpoint {self._ckpt_label} holds a {_short(hparams.get('_class_path', 'model'))} for "
+                    f"{key} {stored}, but the data ({type(data).__name__}) gives {key} {given}: it is a checkpoint of "
+                    "another model or dataset"
+                )
+
+    # ---- running -------------------------------------------------------------------------------------------------
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_empty_log_dirs()
+            raise
+
+    def _remove_empty_log_dirs(self) -> None:
+        """After a failure: delete version folders that hold nothing but what setup wrote (config/hparams)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            try:
+                log_dir = getattr(logger, "log_dir", None)
+            except Exception:  # noqa: BLE001 - a logger that cannot say where it writes has nothing to clean
+                continue
+            if not log_dir or not Path(log_dir).is_dir():
+                continue
+            files = [p for p in Path(log_dir).rglob("*") if p.is_file() or p.is_symlink()]
+            if all(p.name in _SETUP_ONLY_FILES for p in files):
+                shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DPMOTCLI:
     """Run the CLI (``args`` for programmatic use, e.g. tests) and return it."""
+    debug = bool(os.environ.get("DPMOT_DEBUG"))
     try:
+        check_config_files(sys.argv[1:] if args is None else args if isinstance(args, list) else [])
         cli = DPMOTCLI(
             L.LightningModule,
             L.LightningDataModule,
@@ -55,10 +412,18 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
             args=args,
             run=run,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        if os.environ.get("DPMOT_DEBUG"):
+    except TrainingInterrupted as err:
+        _say(str(err))
+        raise
+    except NonFiniteError as err:
+        if debug:
             raise
-        print(f"dpmot: error: {type(err).__name__}: {err}\n(set DPMOT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(err.exit_code) from err
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from err
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,6 +1,8 @@
 """Lightning callbacks: checkpoints, EMA, OT noise-data coupling, sample grids, FID (training, per NFE), predictions."""
 
 from lightning_dpmot.callbacks.checkpoint import LastCheckpoint
+from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
+from lightning_dpmot.callbacks.signals import GracefulShutdown
 from lightning_dpmot.callbacks.ema import EMAHalfLife, ema_beta
 from lightning_dpmot.callbacks.fid import FIDCallback
 from lightning_dpmot.callbacks.nfe_sweep import NFESweep
@@ -11,8 +13,10 @@ from lightning_dpmot.callbacks.samples import SampleGrid
 __all__ = [
     "EMAHalfLife",
     "FIDCallback",
+    "GracefulShutdown",
     "LastCheckpoint",
     "NFESweep",
+    "NonFiniteGuard",
     "OTCouplingCallback",
     "SampleGrid",
     "SampleWriter",

@@ -191,9 +191,10 @@ class UNetBlock(nn.Module):
     Attention part (if ``attention``): ``x = skip_scale * (x + proj(attn(qkv(norm2(x)))))``, softmax attention
     over the H*W positions with ``num_heads`` heads (scaled_dot_product_attention).
 
-    The parts are separate methods so that later per-block inputs (e.g. a text ``context`` for
-    cross-attention) can be added as optional ``forward`` arguments and one more method after
-    :meth:`self_attention`.
+    Cross-attention part (if ``context_dim > 0``, Imagen/LDM style):
+    ``x = skip_scale * (x + proj_ctx(attn(q(norm3(x)), kv(context))))``, the H*W positions attending to the L
+    context tokens (B, L, context_dim) under a key mask (B, L); ``proj_ctx`` starts near zero, so a new block
+    starts as the identity.
 
     Args:
         in_channels: input width.
@@ -207,6 +208,7 @@ class UNetBlock(nn.Module):
         skip_scale: factor after each residual sum (EDM: 1/sqrt(2)).
         eps: GroupNorm eps.
         resample_filter: FIR taps for the resampling.
+        context_dim: width of the context tokens for cross-attention; 0 = no cross-attention.
     """
 
     def __init__(
@@ -222,12 +224,14 @@ class UNetBlock(nn.Module):
         skip_scale: float = math.sqrt(0.5),
         eps: float = 1e-6,
         resample_filter: Sequence[int] = (1, 1),
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
-        if attention and (num_heads < 1 or out_channels % num_heads):
+        if (attention or context_dim) and (num_heads < 1 or out_channels % num_heads):
             raise ValueError(f"num_heads={num_heads} must be >= 1 and divide out_channels={out_channels}")
         self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
         self.num_heads = num_heads if attention else 0
+        self.cross_heads, self.context_dim = (num_heads, context_dim) if context_dim else (0, 0)
         self.dropout, self.skip_scale = dropout, skip_scale
         resample = dict(up=up, down=down, resample_filter=resample_filter)
 
@@ -243,6 +247,11 @@ class UNetBlock(nn.Module):
             self.norm2 = group_norm(out_channels, eps)
             self.qkv = Conv2d(out_channels, 3 * out_channels, kernel=1, gain=GAIN_QKV)
             self.proj = Conv2d(out_channels, out_channels, kernel=1, gain=GAIN_ZERO)
+        if context_dim:
+            self.norm3 = group_norm(out_channels, eps)
+            self.q_ctx = Conv2d(out_channels, out_channels, kernel=1, gain=GAIN_QKV)
+            self.kv_ctx = linear(context_dim, 2 * out_channels, gain=GAIN_QKV)
+            self.proj_ctx = Conv2d(out_channels, out_channels, kernel=1, gain=GAIN_ZERO)
 
     def residual(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: (B, in_channels, H, W), emb: (B, emb_channels) -> (B, out_channels, H', W')."""
@@ -261,9 +270,28 @@ class UNetBlock(nn.Module):
         a = rearrange(a, "b n (h w) c -> b (n c) h w", h=height)
         return self.proj(a).add_(x).mul_(self.skip_scale)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """x: (B, in_channels, H, W), emb: (B, emb_channels) -> (B, out_channels, H', W')."""
+    def cross_attention(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        """x: (B, C, H, W), context: (B, L, context_dim), context_mask: (B, L) bool (True = attend) -> (B, C, H, W).
+
+        Every sample needs at least one attended token (the U-Net prepends a learned null token)."""
+        height = x.shape[-2]
+        q = rearrange(self.q_ctx(self.norm3(x)), "b (n c) h w -> b n (h w) c", n=self.cross_heads)
+        k, v = rearrange(self.kv_ctx(context.to(x.dtype)), "b l (two n c) -> two b n l c", two=2, n=self.cross_heads)
+        keep = rearrange(context_mask.bool(), "b l -> b 1 1 l")
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        a = rearrange(a, "b n (h w) c -> b (n c) h w", h=height)
+        return self.proj_ctx(a).add_(x).mul_(self.skip_scale)
+
+    def forward(
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, in_channels, H, W), emb: (B, emb_channels), context: (B, L, context_dim) and context_mask (B, L)
+        for cross-attention blocks -> (B, out_channels, H', W')."""
         x = self.residual(x, emb)
         if self.num_heads:
             x = self.self_attention(x)
+        if self.cross_heads:
+            if context is None or context_mask is None:
+                raise ValueError("this block cross-attends: it needs context (B, L, C) and context_mask (B, L)")
+            x = self.cross_attention(x, context, context_mask)
         return x

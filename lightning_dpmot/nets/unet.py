@@ -81,6 +81,12 @@ class DDPMppUNet(nn.Module):
         resample_filter: FIR taps for up/downsampling: [1, 1] (DDPM++) or [1, 3, 3, 1] (NCSN++).
         augment_dim: width of EDM's augmentation labels (9 for its AugmentPipe); 0 = none.
         num_heads: attention heads (EDM's DDPM++: 1).
+        context_dim: width C of text token states (``cond["tokens"]`` (B, L, C), ``cond["mask"]`` (B, L),
+            ``cond["pooled"]`` (B, C)); 0 = no text conditioning. With text, blocks at ``cross_attn_resolutions``
+            and the two middle blocks cross-attend to the tokens, the pooled vector is added to the noise
+            embedding, and a learned null token (always attended) and learned null pooled vector (for samples whose
+            mask is empty: the CFG null condition) make the null condition a learned one.
+        cross_attn_resolutions: resolutions (pixels) whose blocks cross-attend (UPainting/Imagen: 16 and 8).
     """
 
     def __init__(
@@ -99,6 +105,8 @@ class DDPMppUNet(nn.Module):
         resample_filter: Sequence[int] = (1, 1),
         augment_dim: int = 0,
         num_heads: int = 1,
+        context_dim: int = 0,
+        cross_attn_resolutions: Sequence[int] = (),
     ) -> None:
         super().__init__()
         channel_mult = [int(m) for m in channel_mult]
@@ -106,9 +114,13 @@ class DDPMppUNet(nn.Module):
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {channel_mult}")
         in_channels, resolution = check_image_shape(data_shape, len(channel_mult))
         resolutions = [resolution >> level for level in range(len(channel_mult))]
-        unknown = sorted(set(attn_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(f"attn_resolutions {unknown} are not among the U-Net's resolutions {resolutions}")
+        chosen_levels = {"attn_resolutions": attn_resolutions, "cross_attn_resolutions": cross_attn_resolutions}
+        for name, chosen in chosen_levels.items():
+            unknown = sorted(set(chosen) - set(resolutions))
+            if unknown:
+                raise ValueError(f"{name} {unknown} are not among the U-Net's resolutions {resolutions}")
+        if context_dim < 0 or (cross_attn_resolutions and not context_dim):
+            raise ValueError(f"cross_attn_resolutions need context_dim >= 1, got context_dim={context_dim}")
         if num_classes < 0 or augment_dim < 0:
             raise ValueError(f"num_classes and augment_dim must be >= 0, got {num_classes} and {augment_dim}")
         if min(model_channels, num_blocks, channel_mult_noise, channel_mult_emb) < 1:
@@ -119,7 +131,7 @@ class DDPMppUNet(nn.Module):
             raise ValueError(f"encoder_type must be 'standard' or 'residual', got {encoder_type!r}")
 
         self.data_shape = tuple(int(s) for s in data_shape)
-        self.num_classes, self.augment_dim = num_classes, augment_dim
+        self.num_classes, self.augment_dim, self.context_dim = num_classes, augment_dim, context_dim
         noise_channels = model_channels * channel_mult_noise
         emb_channels = model_channels * channel_mult_emb
         filt = tuple(resample_filter)
@@ -131,6 +143,11 @@ class DDPMppUNet(nn.Module):
         self.map_augment = linear(augment_dim, noise_channels, bias=False) if augment_dim else None
         self.map_layer0 = linear(noise_channels, emb_channels)
         self.map_layer1 = linear(emb_channels, emb_channels)
+        if context_dim:  # text: pooled vector into the embedding, learned null token / pooled vector
+            self.map_text = linear(context_dim, noise_channels)
+            self.null_token = nn.Parameter(torch.zeros(1, context_dim))
+            self.null_pooled = nn.Parameter(torch.zeros(context_dim))
+        cross = dict(block_kwargs, context_dim=context_dim)
 
         # Encoder. Entries named "*_aux_residual" transform the input path and replace the last skip.
         self.enc = nn.ModuleDict()
@@ -146,9 +163,8 @@ class DDPMppUNet(nn.Module):
                     caux = cout
             for idx in range(num_blocks):
                 attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cout, model_channels * mult, attention=attn, **block_kwargs
-                )
+                kwargs = cross if res in cross_attn_resolutions else block_kwargs
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cout, model_channels * mult, attention=attn, **kwargs)
                 cout = model_channels * mult
         skips = [m.out_channels for name, m in self.enc.items() if not name.endswith("aux_residual")]
 
@@ -158,15 +174,16 @@ class DDPMppUNet(nn.Module):
         for level in reversed(range(len(channel_mult))):
             res, mult = resolutions[level], channel_mult[level]
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **cross)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **cross)
                 takes_skip += [False, False]
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
                 takes_skip.append(False)
             for idx in range(num_blocks + 1):
                 attn = idx == num_blocks and res in attn_resolutions
-                block = UNetBlock(cout + skips.pop(), model_channels * mult, attention=attn, **block_kwargs)
+                kwargs = cross if res in cross_attn_resolutions else block_kwargs
+                block = UNetBlock(cout + skips.pop(), model_channels * mult, attention=attn, **kwargs)
                 self.dec[f"{res}x{res}_block{idx}"] = block
                 cout = model_channels * mult
                 takes_skip.append(True)
@@ -175,15 +192,50 @@ class DDPMppUNet(nn.Module):
         self._takes_skip = tuple(takes_skip)
         self._enc_residual = tuple(name.endswith("aux_residual") for name in self.enc)
 
+    def text_context(
+        self, cond: Mapping[str, Tensor] | None, batch_size: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Text tokens with the learned null token prepended, their key mask and the pooled vector.
+
+        Returns context (B, 1 + L, C), mask (B, 1 + L) bool and pooled (B, C); samples without text (no ``cond``,
+        or an empty mask: the CFG null condition) get the learned null pooled vector.
+        """
+        c = self.context_dim
+        if cond is None or not isinstance(cond, Mapping) or "tokens" not in cond:
+            tokens = torch.zeros(batch_size, 0, c, device=device)
+            mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+            pooled = torch.zeros(batch_size, c, device=device)
+        else:
+            tokens, mask, pooled = cond["tokens"], cond["mask"].bool(), cond["pooled"]
+            if tokens.ndim != 3 or tokens.shape[0] != batch_size or tokens.shape[2] != c:
+                raise ValueError(f"cond['tokens'] must have shape ({batch_size}, L, {c}), got {tuple(tokens.shape)}")
+            if mask.shape != tokens.shape[:2] or pooled.shape != (batch_size, c):
+                raise ValueError(
+                    f"cond['mask'] must have shape {tuple(tokens.shape[:2])} and cond['pooled'] ({batch_size}, {c}), "
+                    f"got {tuple(mask.shape)} and {tuple(pooled.shape)}"
+                )
+        null = self.null_token.to(tokens.dtype).expand(batch_size, 1, c)
+        context = torch.cat([null, tokens], dim=1)
+        mask = torch.cat([torch.ones(batch_size, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        has_text = mask[:, 1:].any(dim=1, keepdim=True)
+        pooled = torch.where(has_text, pooled.to(self.null_pooled.dtype), self.null_pooled.expand(batch_size, c))
+        return context, mask, pooled
+
     def embed(
-        self, noise_labels: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+        self,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+        pooled: Tensor | None = None,
     ) -> Tensor:
         """Conditioning vector: noise_labels (B,) float, class_labels (B,) int64 | None, augment_labels
-        (B, augment_dim) | None -> emb (B, model_channels * channel_mult_emb)."""
+        (B, augment_dim) | None, pooled text (B, context_dim) | None -> emb (B, model_channels * channel_mult_emb)."""
         batch_size = noise_labels.shape[0]
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels, batch_size)
+        if pooled is not None:
+            emb = emb + self.map_text(pooled.to(emb.dtype))
         if augment_labels is not None:
             if self.map_augment is None:
                 raise ValueError("augment_labels were given but the net was built with augment_dim=0")
@@ -208,7 +260,10 @@ class DDPMppUNet(nn.Module):
         (B, C, H, W)."""
         batch_size = check_batch(x, self.data_shape)
         noise_labels = noise_vector(noise_labels, batch_size, x.device)
-        emb = self.embed(noise_labels, class_labels_of(cond), augment_labels)
+        context = mask = pooled = None
+        if self.context_dim:
+            context, mask, pooled = self.text_context(cond, batch_size, x.device)
+        emb = self.embed(noise_labels, class_labels_of(cond), augment_labels, pooled)
 
         skips: list[Tensor] = []
         aux = x
@@ -216,7 +271,7 @@ class DDPMppUNet(nn.Module):
             if is_residual:  # NCSN++ input path, averaged into the features of the down block
                 x = skips[-1] = aux = (x + layer(aux)) * math.sqrt(0.5)
             elif isinstance(layer, UNetBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, context, mask)
                 skips.append(x)
             else:
                 x = layer(x)
@@ -226,6 +281,6 @@ class DDPMppUNet(nn.Module):
         for takes_skip, block in zip(self._takes_skip, blocks[:-2], strict=True):
             if takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, context, mask)
         out_norm, out_conv = blocks[-2:]
         return out_conv(F.silu(out_norm(x)))

@@ -85,7 +85,7 @@ def test_empty_mask_is_the_learned_null_condition() -> None:
     out = net(x, sigma, null)
     assert torch.isfinite(out).all()
     assert torch.equal(out, net(x, sigma, other))
-    torch.testing.assert_close(net(x, sigma, None), out, rtol=0, atol=1e-6)  # no text at all = the null
+    torch.testing.assert_close(net(x, sigma, None), out, rtol=1e-4, atol=1e-5)  # no text at all = the null
     net.train()
     net(x, sigma, null).square().mean().backward()
     assert net.null_token.grad.abs().sum() > 0 and net.null_pooled.grad.abs().sum() > 0

@@ -96,12 +96,14 @@ class Conditioner(nn.Module):
             raise KeyError(f"{type(self).__name__} needs the batch entries {list(self.keys)}; missing {missing}")
         return {k: batch[k] for k in self.keys}
 
-    def select(self, cond: Mapping[str, Tensor] | None) -> Cond | None:
-        """The entries of ``cond`` this conditioner uses (None if there are none): generation requests may leave
-        out a condition (the network then sees its null, e.g. label None = all -1) or carry unused entries."""
-        if not self.conditional or not cond:
+    def prepare(self, raw: Mapping[str, Any] | None) -> Cond | None:
+        """The condition mapping of a generation request (None if it holds nothing this conditioner uses).
+
+        Requests may leave out a condition (the network then sees its null, e.g. label None = all -1), carry
+        entries the model does not use, or carry raw conditions (prompts) that the conditioner encodes."""
+        if not self.conditional or not raw:
             return None
-        picked = {k: cond[k] for k in self.keys if k in cond}
+        picked = {k: raw[k] for k in self.keys if k in raw}
         return picked or None
 
     def null(self, cond: Cond) -> Cond:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -97,7 +97,7 @@ class GenerativeModule(L.LightningModule):
     def generate(
         self,
         seeds: Tensor | list[int],
-        cond: Cond | None = None,
+        cond: Mapping[str, Any] | None = None,
         spec: SamplerSpec | None = None,
         guidance: GuidanceSpec | None = None,
         callback: StepCallback | None = None,
@@ -105,15 +105,16 @@ class GenerativeModule(L.LightningModule):
         """Samples for per-sample seeds (B,) under :meth:`sampling_mode`.
 
         Args:
-            seeds: (B,) int64 seeds; cond: condition mapping of (B, ...) tensors (None = unconditional; keys the
-                model does not use are ignored); spec: sampler (default ``self.sampler``); guidance: default
-                ``self.guidance``; callback: the sampler's step callback.
+            seeds: (B,) int64 seeds; cond: the request's conditions, e.g. ``{"label": (B,)}`` or ``{"caption_en":
+                [B prompts]}`` (None = unconditional; entries the model does not use are ignored; the model's
+                conditioner turns raw entries such as prompts into tensors); spec: sampler (default
+                ``self.sampler``); guidance: default ``self.guidance``; callback: the sampler's step callback.
         Returns:
             SampleResult with x: (B, *data_shape) float32 and the NFE used.
         """
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         guidance = guidance or self.guidance
-        cond = cond_to(self.conditioner.select(cond), self.device)
+        cond = cond_to(self.conditioner.prepare(cond), self.device)
         with self.sampling_mode(grad=guidance.needs_grad):
             return self.sample(seeds, cond, spec or self.sampler, guidance, callback)
 

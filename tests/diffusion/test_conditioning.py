@@ -56,7 +56,7 @@ def text_cond(b: int = B) -> dict[str, Tensor]:
     return {"tokens": torch.randn(b, L, C, generator=g), "mask": mask, "pooled": torch.randn(b, C, generator=g)}
 
 
-def test_class_conditioner_null_drop_and_select() -> None:
+def test_class_conditioner_null_drop_and_prepare() -> None:
     cc = ClassConditioner(10, dropout=0.5)
     cond = cc.from_batch({"x": torch.zeros(8), "label": torch.arange(8)})
     assert set(cond) == {"label"} and cc.net_kwargs() == {"num_classes": 10}
@@ -64,8 +64,8 @@ def test_class_conditioner_null_drop_and_select() -> None:
     dropped = cc.drop(cond, torch.Generator().manual_seed(0))["label"]
     expected = torch.rand(8, generator=torch.Generator().manual_seed(0)) < 0.5
     assert torch.equal(dropped == -1, expected) and torch.equal(dropped[~expected], torch.arange(8)[~expected])
-    assert cc.select({"label": torch.arange(2), "prompt_id": torch.arange(2)}).keys() == {"label"}
-    assert cc.select({}) is None and Conditioner().select({"label": torch.arange(2)}) is None
+    assert cc.prepare({"label": torch.arange(2), "prompt_id": torch.arange(2)}).keys() == {"label"}
+    assert cc.prepare({}) is None and Conditioner().prepare({"label": torch.arange(2)}) is None
     with pytest.raises(KeyError, match=r"needs the batch entries \['label'\]"):
         cc.from_batch({"x": torch.zeros(2)})
     with pytest.raises(ValueError, match="different keys"):

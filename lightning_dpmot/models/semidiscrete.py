@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,51 +39,73 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_dpmot.models.base import plain_data, rank_seeds
+from lightning_dpmot.models.base import plain_data
 from lightning_dpmot.ot.latent_targets import (
     LatentTargets,
     generate_samples,
     targets_from_dataset,
     targets_from_samples,
 )
-from lightning_dpmot.ot.power_cells import Source
-from lightning_dpmot.ot.semidiscrete import Criterion, SemiDiscreteOT
+from lightning_dpmot.ot.semidiscrete import SemiDiscreteConfig, SemiDiscreteOT
 from lightning_dpmot.ot.semidiscrete_maps import exact_fp32
 from lightning_dpmot.sampling.spec import SamplerSpec
+from lightning_dpmot.utils.distributed import gather_rows, rank_seeds
 
 #: Key of the DPM-OT metadata in a Lightning checkpoint of :class:`SemiDiscreteOTModule`.
 CHECKPOINT_KEY = "dpm_ot"
 TARGETS_FILENAME = "ot_targets.pt"
 SUMMARY_FILENAME = "ot_fit.json"
-#: Solver settings taken from the module's hyperparameters.
-SOLVER_SETTINGS = (
-    "source",
-    "lr",
-    "num_mc_samples",
-    "chunk_size",
-    "target_chunk_size",
-    "betas",
-    "eps",
-    "bias_correction",
-    "patience",
-    "max_doublings",
-    "lr_decay",
-    "tol",
-    "criterion",
-    "eval_factor",
-    "seed",
-    "antithetic",
-)
+#: Hyperparameters that checkpoints written before :class:`SemiDiscreteConfig` held at the top level (now nested under
+#: ``solver``); ``seed`` stays the module's (it seeded the targets and, then as now by default, the MC streams).
+LEGACY_SOLVER_KEYS: tuple[str, ...] = tuple(name for name in SemiDiscreteConfig.field_names() if name != "seed")
 _STEP_LOGS = ("g_norm", "max_abs_err", "mean_abs_err", "max_rel_err", "rel_rms_err", "empty_cells", "energy")
 _PROGRESS = ("rel_rms_err", "empty_cells")
 
 
-def solver_settings(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :class:`SemiDiscreteOT` from a module's (or checkpoint's) hyperparameters."""
-    settings = {k: hparams[k] for k in SOLVER_SETTINGS if k in hparams}
-    if "betas" in settings:
-        settings["betas"] = tuple(settings["betas"])
-    return settings
+def as_solver_config(solver: SemiDiscreteConfig | Mapping[str, Any] | None) -> SemiDiscreteConfig:
+    """The typed config of a module argument or checkpoint entry (a config, a plain mapping, or None: defaults)."""
+    if solver is None:
+        return SemiDiscreteConfig()
+    if isinstance(solver, SemiDiscreteConfig):
+        return solver
+    if isinstance(solver, Mapping):
+        return SemiDiscreteConfig.from_mapping(solver)
+    raise ValueError(f"solver must be a SemiDiscreteConfig or a mapping of its settings, got {type(solver).__name__}")
+
+
+def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters with the solver settings nested under ``solver`` (a plain dict), as the module saves them.
+
+    Checkpoints written before :class:`SemiDiscreteConfig` hold the settings as flat keys (``lr``,
+    ``num_mc_samples``, ..., :data:`LEGACY_SOLVER_KEYS`); they are moved into ``solver`` unchanged, which rebuilds the
+    identical solver (the module's ``seed`` still seeds the MC streams: ``solver.seed`` is None). Current
+    hyperparameters are returned as they are (copied).
+
+    Raises:
+        ValueError: flat solver keys next to a ``solver`` entry, or invalid settings (named).
+    """
+    hp = dict(hparams)
+    legacy = {key: hp.pop(key) for key in LEGACY_SOLVER_KEYS if key in hp}
+    if legacy:
+        if hp.get("solver") is not None:
+            raise ValueError(
+                f"hyperparameters hold both a 'solver' config and the pre-SemiDiscreteConfig flat solver keys "
+                f"{sorted(legacy)}; keep only 'solver'"
+            )
+        hp["solver"] = SemiDiscreteConfig.from_mapping(legacy).as_dict()
+    elif isinstance(hp.get("solver"), SemiDiscreteConfig):
+        hp["solver"] = hp["solver"].as_dict()
+    return hp
+
+
+def solver_config(hparams: Mapping[str, Any]) -> SemiDiscreteConfig:
+    """The solver config of a module's (or checkpoint's, old or new) hyperparameters, its seed resolved.
+
+    ``solver.seed = None`` means the module's ``seed`` (which also seeds the targets), as before the config existed.
+    """
+    hp = migrate_hparams(hparams)
+    config = as_solver_config(hp.get("solver"))
+    return config if config.seed is not None else config.replace(seed=int(hp.get("seed", 0)))
 
 
 def _plain_floats(diag: dict[str, float]) -> dict[str, float]:
@@ -98,7 +121,7 @@ class SemiDiscreteOTModule(L.LightningModule):
         sigma_s: junction noise level of the targets (sigma space, data in [-1, 1]).
         split: dataset split of the targets ("train" default; "val" holds out what evaluation uses: copy risk).
         num_draws: noise draws per image.
-        seed: seed of the target noise, the target subset and the Monte Carlo streams.
+        seed: seed of the target noise, the target subset and (unless ``solver.seed`` is set) the Monte Carlo streams.
         max_targets: seeded random subset of this many targets (None: all).
         targets_file: load the targets from this :class:`LatentTargets` file instead of building them.
         diffusion_ckpt: build the targets from this diffusion checkpoint's own samples (``generate``).
@@ -106,9 +129,8 @@ class SemiDiscreteOTModule(L.LightningModule):
         generate_sampler: sampler for the generated targets (default: the model's own).
         generate_batch_size: per-device generation batch size.
         keep_clean: store the clean samples in the targets file (the ``renoise`` map needs them).
-        source: "gaussian" (N(0, I)) or "uniform" (cube [-1/2, 1/2]^d) noise.
-        lr, num_mc_samples, chunk_size, target_chunk_size, betas, eps, bias_correction, patience, max_doublings,
-            lr_decay, tol, criterion, eval_factor, antithetic: :class:`SemiDiscreteOT` settings.
+        solver: the :class:`~lightning_dpmot.ot.semidiscrete.SemiDiscreteConfig` of the solver (YAML: a nested
+            mapping ``solver: {lr: ..., num_mc_samples: ...}``); its ``seed`` defaults to this module's ``seed``.
         eval_every: held-out evaluation every this many steps.
         eval_num_samples: held-out samples (default ``eval_factor * M``).
         stop_when_converged: stop the run at convergence (else run to ``max_steps``).
@@ -129,21 +151,7 @@ class SemiDiscreteOTModule(L.LightningModule):
         generate_sampler: SamplerSpec | None = None,
         generate_batch_size: int = 256,
         keep_clean: bool = True,
-        source: Source = "gaussian",
-        lr: float | None = None,
-        num_mc_samples: int | None = None,
-        chunk_size: int = 8192,
-        target_chunk_size: int = 8192,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        bias_correction: bool = True,
-        patience: int = 50,
-        max_doublings: int = 3,
-        lr_decay: float = 0.8,
-        tol: float = 0.05,
-        criterion: Criterion = "rms",
-        eval_factor: int = 4,
-        antithetic: bool = False,
+        solver: SemiDiscreteConfig | None = None,
         eval_every: int = 50,
         eval_num_samples: int | None = None,
         stop_when_converged: bool = True,
@@ -160,6 +168,12 @@ class SemiDiscreteOTModule(L.LightningModule):
                 f"num_draws, num_generated, eval_every and generate_batch_size must be >= 1, got {num_draws}, "
                 f"{num_generated}, {eval_every} and {generate_batch_size}"
             )
+        config = as_solver_config(solver)  # also a plain dict: load_from_checkpoint passes the saved hyperparameters
+        #: the solver settings, ``seed`` resolved (None: the module's seed, which also seeds the targets)
+        self.solver_config = config if config.seed is not None else config.replace(seed=seed)
+        # save_hyperparameters reads the arguments' current values: keep the settings as a plain dict (YAML-loggable,
+        # weights_only-loadable); the config's own seed (None by default) is saved, not the resolved one
+        solver = config.as_dict()  # type: ignore[assignment]
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.data_shape = tuple(data_shape)
@@ -171,6 +185,12 @@ class SemiDiscreteOTModule(L.LightningModule):
         self.last_evaluation: dict[str, float] | None = None
         self.evaluated_at = -1
         self.converged = False
+
+    @staticmethod
+    def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Checkpoint hyperparameters in the current form (flat pre-:class:`SemiDiscreteConfig` solver keys nested
+        under ``solver``): :func:`migrate_hparams`, for callers that rebuild the module from a checkpoint (the CLI)."""
+        return migrate_hparams(hparams)
 
     # ------------------------------------------------------------------------------------------------- targets
     def build_targets(self) -> LatentTargets:
@@ -209,8 +229,6 @@ class SemiDiscreteOTModule(L.LightningModule):
         seeds = rank_seeds(hp.num_generated, trainer.global_rank, trainer.world_size)
         x, labels = generate_samples(model, seeds, hp.generate_sampler, hp.generate_batch_size)
         if trainer.world_size > 1:
-            from lightning_dpmot.callbacks.nfe_sweep import gather_rows
-
             device = trainer.strategy.root_device
             x = gather_rows(trainer, x.to(device)).cpu()
             labels = gather_rows(trainer, labels.to(device).unsqueeze(1)).cpu()[:, 0]
@@ -256,7 +274,7 @@ class SemiDiscreteOTModule(L.LightningModule):
         """Create the solver for ``targets`` (called by ``setup``; callable directly outside a Trainer)."""
         self.targets = targets
         self.fingerprint = targets.fingerprint()
-        self.solver = SemiDiscreteOT(targets.flat(), **solver_settings(dict(self.hparams)))
+        self.solver = SemiDiscreteOT(targets.flat(), config=self.solver_config)
         self._ddp_params_and_buffers_to_ignore = [f"solver.{name}" for name, _ in self.solver.named_buffers()]
 
     @override
@@ -346,10 +364,20 @@ class SemiDiscreteOTModule(L.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("not a SemiDiscreteOTModule checkpoint: it has no 'dpm_ot' entry")
+        hparams = checkpoint.get("hyper_parameters") or {}
+        legacy = sorted(set(hparams) & set(LEGACY_SOLVER_KEYS))
+        if legacy:  # written before SemiDiscreteConfig: nest the flat solver settings as the module now saves them
+            checkpoint["hyper_parameters"] = migrate_hparams(hparams)
         if self.solver is None:
+            note = (
+                f" (it also predates SemiDiscreteConfig: its flat solver hyperparameters {legacy} are now "
+                "model.init_args.solver.*, which load_ot_checkpoint converts)"
+                if legacy
+                else ""
+            )
             raise ValueError(
                 "a SemiDiscreteOTModule checkpoint holds no targets and cannot be loaded on its own: resume it with "
-                "`dpmot fit --ckpt_path` or read it with lightning_dpmot.models.semidiscrete.load_ot_checkpoint"
+                "`dpmot fit --ckpt_path` or read it with lightning_dpmot.models.semidiscrete.load_ot_checkpoint" + note
             )
         solver = self.solver
         if meta["targets_sha256"] != self.fingerprint:
@@ -365,7 +393,7 @@ class SemiDiscreteOTModule(L.LightningModule):
         """Also works before ``setup`` (e.g. ddp_spawn's results in the main process): the solver is then built from
         the state's own ``solver.targets``."""
         if self.solver is None and "solver.targets" in state_dict:
-            self.solver = SemiDiscreteOT(state_dict["solver.targets"], **solver_settings(dict(self.hparams)))
+            self.solver = SemiDiscreteOT(state_dict["solver.targets"], config=self.solver_config)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
@@ -405,7 +433,11 @@ def load_ot_checkpoint(
     targets = LatentTargets.load(source)
     if targets.fingerprint() != meta["targets_sha256"]:
         raise ValueError(f"targets file {str(source)!r} does not hold the targets OT checkpoint {str(path)!r} fitted")
-    solver = SemiDiscreteOT(targets.flat(), **solver_settings(ckpt.get("hyper_parameters", {})))
+    try:
+        config = solver_config(ckpt.get("hyper_parameters") or {})
+    except ValueError as err:
+        raise ValueError(f"{path}: invalid solver settings in the checkpoint's hyperparameters: {err}") from err
+    solver = SemiDiscreteOT(targets.flat(), config=config)
     state: dict[str, Tensor] = {
         k.removeprefix("solver."): v for k, v in ckpt["state_dict"].items() if k.startswith("solver.")
     }

@@ -12,17 +12,29 @@ from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dpmot.data import DigitsDataModule
-from lightning_dpmot.models.semidiscrete import SemiDiscreteOTModule
+from lightning_dpmot.models.semidiscrete import (
+    LEGACY_SOLVER_KEYS,
+    SemiDiscreteOTModule,
+    load_ot_checkpoint,
+    migrate_hparams,
+    solver_config,
+)
 from lightning_dpmot.ot.latent_targets import LatentTargets, targets_from_dataset
-from lightning_dpmot.ot.semidiscrete import SemiDiscreteOT
+from lightning_dpmot.ot.semidiscrete import SemiDiscreteConfig, SemiDiscreteOT
 
-SETTINGS = dict(sigma_s=0.5, max_targets=64, num_mc_samples=2048, chunk_size=512, seed=3)
+SETTINGS = dict(sigma_s=0.5, max_targets=64, seed=3)
+SOLVER = dict(num_mc_samples=2048, chunk_size=512)
 
 
-
-
-def fit(root: Path, max_steps: int, ckpt_path: str | None = None, **overrides: object) -> SemiDiscreteOTModule:
-    module = SemiDiscreteOTModule(**{**SETTINGS, **overrides})  # type: ignore[arg-type]
+def fit(
+    root: Path,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    solver: dict[str, object] | None = None,
+    **overrides: object,
+) -> SemiDiscreteOTModule:
+    config = SemiDiscreteConfig(**{**SOLVER, **(solver or {})})  # type: ignore[arg-type]
+    module = SemiDiscreteOTModule(**{**SETTINGS, **overrides}, solver=config)  # type: ignore[arg-type]
     trainer = quiet_trainer(
         root,
         devices=1,
@@ -37,7 +49,7 @@ def fit(root: Path, max_steps: int, ckpt_path: str | None = None, **overrides: o
 
 
 def test_lightning_fit_converges_and_equals_solver_fit(tmp_path: Path) -> None:
-    module = fit(tmp_path, max_steps=400, tol=0.1, eval_every=10)
+    module = fit(tmp_path, max_steps=400, solver=dict(tol=0.1), eval_every=10)
     steps = module.trainer.global_step
     assert module.converged and steps < 400 and int(module.solver.iteration) == steps
     assert module.last_evaluation["rel_rms_err"] <= 0.1 and module.last_evaluation["empty_cells"] == 0
@@ -58,7 +70,7 @@ def test_lightning_fit_converges_and_equals_solver_fit(tmp_path: Path) -> None:
 
 
 def test_resume_from_last_ckpt_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    common = dict(tol=1e-3, eval_every=5, patience=2, max_doublings=1)  # no convergence; one M doubling
+    common = dict(solver=dict(tol=1e-3, patience=2, max_doublings=1), eval_every=5)  # no convergence; one doubling
     straight = fit(tmp_path / "a", max_steps=24, **common)
     fit(tmp_path / "b", max_steps=12, **common)
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
@@ -94,6 +106,74 @@ def test_bad_settings_fail_at_construction() -> None:
         SemiDiscreteOTModule(targets_file="a.pt", diffusion_ckpt="b.ckpt")
     with pytest.raises(ValueError, match="sigma_s must be finite and >= 0, got -1"):
         SemiDiscreteOTModule(sigma_s=-1.0)
+    with pytest.raises(ValueError, match="eps must be finite, got nan"):
+        SemiDiscreteOTModule(solver={"eps": float("nan")})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown semi-discrete solver setting\(s\) \['lrr'\]"):
+        SemiDiscreteOTModule(solver={"lrr": 0.1})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ one typed solver config
+
+
+def test_the_solver_config_is_saved_as_a_plain_mapping_and_its_seed_defaults_to_the_modules() -> None:
+    module = SemiDiscreteOTModule(seed=3, solver=SemiDiscreteConfig(num_mc_samples=2048, tol=0.2))
+    assert module.solver_config == SemiDiscreteConfig(num_mc_samples=2048, tol=0.2, seed=3)
+    assert module.hparams["solver"] == SemiDiscreteConfig(num_mc_samples=2048, tol=0.2).as_dict()  # plain, seed None
+    assert "num_mc_samples" not in module.hparams and "tol" not in module.hparams
+    assert solver_config(module.hparams) == module.solver_config
+    explicit = SemiDiscreteOTModule(seed=3, solver=SemiDiscreteConfig(seed=5))
+    assert explicit.solver_config.seed == 5  # the MC streams decouple from the targets' seed only on request
+    rebuilt = SemiDiscreteOTModule(**dict(module.hparams))  # what load_from_checkpoint does: a dict, not the config
+    assert rebuilt.solver_config == module.solver_config
+
+
+def legacy_hparams(hparams: dict[str, object]) -> dict[str, object]:
+    """Hyperparameters as checkpoints written before SemiDiscreteConfig held them: flat solver keys, no 'solver'."""
+    old = {k: v for k, v in hparams.items() if k != "solver"}
+    flat = dict(hparams["solver"])  # type: ignore[arg-type]
+    assert flat.pop("seed") is None  # the module's seed seeded the MC streams
+    assert set(flat) == set(LEGACY_SOLVER_KEYS)
+    old.update(flat)
+    return old
+
+
+def test_checkpoints_from_before_the_solver_config_still_load(tmp_path: Path) -> None:
+    module = fit(tmp_path, max_steps=3, solver=dict(patience=7, lr=0.03), eval_every=100)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["hyper_parameters"]["solver"]["patience"] == 7  # nested, plain
+    old = dict(ckpt, hyper_parameters=legacy_hparams(ckpt["hyper_parameters"]))
+    assert "solver" not in old["hyper_parameters"] and old["hyper_parameters"]["num_mc_samples"] == 2048
+    torch.save(old, tmp_path / "old.ckpt")
+    new_solver, _, _ = load_ot_checkpoint(last)
+    old_solver, targets, meta = load_ot_checkpoint(tmp_path / "old.ckpt")
+    assert old_solver.config == new_solver.config == module.solver_config
+    assert old_solver.config.seed == 3 and old_solver.config.lr == 0.03 and old_solver.config.patience == 7
+    for name, buf in new_solver.named_buffers():
+        assert torch.equal(buf, getattr(old_solver, name)), name
+    # SemiDiscreteOTModule.load_from_checkpoint cannot rebuild the targets; the message names the change too
+    with pytest.raises(ValueError, match="cannot be loaded on its own.*predates SemiDiscreteConfig.*init_args.solver"):
+        SemiDiscreteOTModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    # resuming an old checkpoint with the new module continues exactly
+    resumed = fit(tmp_path, max_steps=6, ckpt_path=str(tmp_path / "old.ckpt"), solver=dict(patience=7, lr=0.03))
+    straight = fit(tmp_path / "straight", max_steps=6, solver=dict(patience=7, lr=0.03), eval_every=100)
+    assert torch.equal(resumed.solver.h, straight.solver.h)
+
+
+def test_migrating_hyperparameters() -> None:
+    current = {"seed": 1, "solver": SemiDiscreteConfig(tol=0.2).as_dict()}
+    assert migrate_hparams(current) == current
+    assert migrate_hparams({"seed": 1, "solver": SemiDiscreteConfig(tol=0.2)}) == current
+    assert migrate_hparams({"seed": 1, "tol": 0.2}) == current
+    assert SemiDiscreteOTModule.upgrade_hparams({"_class_path": "x", "seed": 1, "tol": 0.2}) == {
+        "_class_path": "x",
+        **current,
+    }
+    assert solver_config({"seed": 1, "tol": 0.2}) == SemiDiscreteConfig(tol=0.2, seed=1)
+    with pytest.raises(ValueError, match=r"both a 'solver' config and the pre-SemiDiscreteConfig flat solver keys"):
+        migrate_hparams({"solver": {}, "lr": 0.1})
+    with pytest.raises(ValueError, match="tol must be positive"):
+        migrate_hparams({"tol": -1.0})
 
 
 class CheckRanks(L.Callback):
@@ -114,7 +194,8 @@ class CheckRanks(L.Callback):
 
 @pytest.mark.slow
 def test_two_process_ddp_fit_gives_the_same_h_on_both_ranks_as_one_process(tmp_path: Path) -> None:
-    module = SemiDiscreteOTModule(**{**SETTINGS, "eval_every": 4, "tol": 1e-3})  # type: ignore[arg-type]
+    config = SemiDiscreteConfig(**SOLVER, tol=1e-3)  # type: ignore[arg-type]
+    module = SemiDiscreteOTModule(**SETTINGS, solver=config, eval_every=4)  # type: ignore[arg-type]
     trainer = quiet_trainer(
         tmp_path,
         devices=2,
@@ -126,6 +207,6 @@ def test_two_process_ddp_fit_gives_the_same_h_on_both_ranks_as_one_process(tmp_p
     )
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert trainer.callback_metrics["checked_ranks"].item() == 2.0  # the workers ran the checks
-    single = fit(tmp_path / "single", max_steps=8, eval_every=4, tol=1e-3)
+    single = fit(tmp_path / "single", max_steps=8, eval_every=4, solver=dict(tol=1e-3))
     assert torch.equal(module.solver.h, single.solver.h)  # rank 0's state, returned to the main process
     assert torch.equal(module.solver.iteration, single.solver.iteration)

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_dpmot.errors import NonFiniteError
 from lightning_dpmot.utils.images import save_png, save_scatter, to_uint8
 
 
@@ -25,6 +26,10 @@ class SampleWriter(BasePredictionWriter):
     int64, ``nfe``, and any further tensors the model's ``predict_step`` returns (per sample when they have one
     row per sample, e.g. DPM-OT's ``target_index``/``target_id``; else one value per batch). 2-D data gets
     ``scatter.png`` instead of per-sample PNGs.
+
+    Non-finite samples (NaN/inf anywhere in a sample) are never written: they get no PNG, and when any rank produced
+    one, no ``samples.npz`` is written and :class:`~lightning_dpmot.errors.NonFiniteError` names how many samples
+    (and which seeds) were affected (``dpmot predict`` exits 3).
 
     Args:
         output_dir: where to write (default: ``<log_dir>/predictions``, a fresh logger version per run); must be
@@ -40,6 +45,8 @@ class SampleWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.save_png = save_png
         self._parts: list[dict[str, torch.Tensor]] = []
+        self._nonfinite_seeds: list[int] = []
+        self._count = 0
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -54,6 +61,8 @@ class SampleWriter(BasePredictionWriter):
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._parts = []
+        self._nonfinite_seeds = []
+        self._count = 0
 
     @override
     def write_on_batch_end(
@@ -69,9 +78,13 @@ class SampleWriter(BasePredictionWriter):
         x, seeds = prediction["x"].detach().cpu(), prediction["seed"].detach().cpu()
         labels = prediction.get("label")
         labels = labels.detach().cpu() if labels is not None else torch.full_like(seeds, -1)
+        finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        self._nonfinite_seeds += seeds[~finite].tolist()
+        self._count += len(seeds)
         if self.save_png and x.ndim == 4:
-            for img, seed in zip(x, seeds.tolist()):
-                save_png(img, self.output_dir / f"{seed:06d}.png")
+            for img, seed, ok in zip(x, seeds.tolist(), finite.tolist()):
+                if ok:
+                    save_png(img, self.output_dir / f"{seed:06d}.png")
         part = {"x": x, "seeds": seeds, "labels": labels, "nfe": prediction["nfe"].reshape(1).cpu()}
         for key, value in prediction.items():  # further per-sample entries, e.g. DPM-OT's target_index
             if key not in ("x", "seed", "label", "nfe") and isinstance(value, Tensor):
@@ -81,6 +94,16 @@ class SampleWriter(BasePredictionWriter):
 
     @override
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts = torch.tensor([len(self._nonfinite_seeds), self._count], dtype=torch.float64)
+        counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        bad, total = int(counts[0]), int(counts[1])
+        if bad:
+            examples = ", ".join(str(s) for s in self._nonfinite_seeds[:8]) or "on other ranks"
+            raise NonFiniteError(
+                f"predict: {bad} of {total} generated samples are NaN/inf (seeds {examples}"
+                f"{', …' if len(self._nonfinite_seeds) > 8 else ''}); no samples.npz written and no PNG of them in "
+                f"{self.output_dir}; the checkpoint's weights or the sampler settings diverge"
+            )
         part_file = self.output_dir / f".part-rank{trainer.global_rank}.pt"
         torch.save({k: torch.cat([p[k] for p in self._parts]) for k in self._parts[0]}, part_file)
         trainer.strategy.barrier()

@@ -13,8 +13,20 @@ from torch import Tensor
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """x: (..., C, H, W) in [-1, 1] -> uint8 in [0, 255] (EDM's rounding: (x * 127.5 + 128).clamp(0, 255))."""
-    return (x.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    """x: (..., C, H, W) in [-1, 1] -> uint8 in [0, 255] (EDM's rounding: (x * 127.5 + 128).clamp(0, 255)).
+
+    Raises:
+        ValueError: ``x`` holds NaN/inf (a cast would silently turn them into black or white pixels).
+    """
+    x = x.detach().float()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"to_uint8: {bad} of {x.numel()} values are NaN/inf (shape {tuple(x.shape)}); refusing to write them as "
+            "black/white pixels"
+        )
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def make_grid(x: Tensor, nrow: int | None = None, padding: int = 1) -> Tensor:

@@ -111,7 +111,15 @@ def test_datamodule_splits_by_rank_without_a_process_group() -> None:
         dm.setup("fit")
 
 
-def _train(root: Path, max_steps: int, num_workers: int, ckpt_path: str | None = None, every: int = 0):
+def _train(
+    root: Path,
+    max_steps: int,
+    num_workers: int,
+    ckpt_path: str | None = None,
+    every: int = 0,
+    batch_size: int = 128,
+    **trainer_kwargs: object,
+):
     torch.manual_seed(0)
     model = tiny_edm()
     callbacks = []
@@ -123,10 +131,11 @@ def _train(root: Path, max_steps: int, num_workers: int, ckpt_path: str | None =
         limit_val_batches=0,
         enable_checkpointing=bool(every),
         callbacks=callbacks,
+        **trainer_kwargs,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, DigitsDataModule(batch_size=128, num_workers=num_workers), ckpt_path=ckpt_path)
+        trainer.fit(model, DigitsDataModule(batch_size=batch_size, num_workers=num_workers), ckpt_path=ckpt_path)
     assert not [w for w in caught if "not resumable" in str(w.message)]
     return model
 
@@ -135,13 +144,27 @@ def _train(root: Path, max_steps: int, num_workers: int, ckpt_path: str | None =
 def test_mid_epoch_resume_is_bit_identical(tmp_path: Path, num_workers: int) -> None:
     # 1,528 digits / 128 = 11 steps per epoch: checkpoint at step 5 (mid-epoch 0), train on into epoch 1.
     steps, stop = 14, 5
-    reference = _train(tmp_path / "a", steps, num_workers)
-    _train(tmp_path / "b", stop, num_workers, every=stop)
-    ckpt = tmp_path / "b" / f"step={stop}.ckpt"
+    reference = _train(tmp_path / "a", steps, num_workers, every=stop)  # leaves the checkpoint a killed run would
+    ckpt = tmp_path / "a" / f"step={stop}.ckpt"
     state = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state == [{"epoch": 0, "position": stop, "batch_size": 128, "num_replicas": 1}]
     resumed = _train(tmp_path / "c", steps, num_workers, ckpt_path=str(ckpt))
     ref, res = reference.state_dict(), resumed.state_dict()
     assert ref.keys() == res.keys()
+    different = [k for k in ref if not torch.equal(ref[k], res[k])]
+    assert not different, f"{len(different)} of {len(ref)} tensors differ after resume, e.g. {different[:3]}"
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_under_two_process_ddp_is_bit_identical(tmp_path: Path) -> None:
+    # 2 ranks x 32 of 764 items each: each rank resumes at its own position of its own share.
+    ddp = {"devices": 2, "strategy": "ddp_spawn", "batch_size": 32}
+    steps, stop = 6, 3
+    reference = _train(tmp_path / "a", steps, 0, every=stop, **ddp)
+    ckpt = tmp_path / "a" / f"step={stop}.ckpt"
+    state = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert state == [{"epoch": 0, "position": stop, "batch_size": 32, "num_replicas": 2}]
+    resumed = _train(tmp_path / "c", steps, 0, ckpt_path=str(ckpt), **ddp)
+    ref, res = reference.state_dict(), resumed.state_dict()
     different = [k for k in ref if not torch.equal(ref[k], res[k])]
     assert not different, f"{len(different)} of {len(ref)} tensors differ after resume, e.g. {different[:3]}"

@@ -11,6 +11,7 @@ from lightning_dpmot.data.cifar10 import CIFAR10DataModule
 from lightning_dpmot.data.digits import DigitsDataModule
 from lightning_dpmot.data.image_folder import ImageFolderDataModule
 from lightning_dpmot.data.loading import EpochSeededRandomSampler, ResumableDataLoader
+from lightning_dpmot.data.shapes import ShapesCaptionsDataModule
 from lightning_dpmot.data.toy2d import Toy2DDataModule
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ImageFolderDataModule",
     "ResumableDataLoader",
     "SeedDataset",
+    "ShapesCaptionsDataModule",
     "TensorDictDataset",
     "Toy2DDataModule",
     "generation_conditions",

@@ -6,6 +6,7 @@ from lightning_dpmot.models.dpm_ot import DPMOTModule, load_diffusion_module
 from lightning_dpmot.models.edm import EDMModule
 from lightning_dpmot.models.generation import GenerativeModule
 from lightning_dpmot.models.semidiscrete import SemiDiscreteOTModule, load_ot_checkpoint
+from lightning_dpmot.models.text2img import TextToImageModule
 
 __all__ = [
     "DPMModule",
@@ -15,6 +16,7 @@ __all__ = [
     "GenerativeModule",
     "NetFactory",
     "SemiDiscreteOTModule",
+    "TextToImageModule",
     "load_diffusion_module",
     "load_ot_checkpoint",
 ]

@@ -113,6 +113,8 @@ class DiffusionModule(GenerativeModule):
         guidance: guidance for validation grids and ``dpmot predict`` (default none; not saved either).
         seed: base seed of the per-rank generators (default: the run's ``seed_everything`` value).
         nan_to_num_grads: replace NaN/inf gradients by 0/finite values before each step (as EDM does).
+        conditioner: what the model is conditioned on, for subclasses that bring their own (text); default: class
+            labels when ``class_conditional``, else none.
     """
 
     denoiser: nn.Module
@@ -130,6 +132,7 @@ class DiffusionModule(GenerativeModule):
         guidance: GuidanceSpec | None = None,
         seed: int | None = None,
         nan_to_num_grads: bool = True,
+        conditioner: Conditioner | None = None,
     ) -> None:
         super().__init__(data_shape=data_shape, num_classes=num_classes, sampler=sampler, guidance=guidance)
         if class_conditional and num_classes < 1:
@@ -138,10 +141,14 @@ class DiffusionModule(GenerativeModule):
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         if lr_warmup_images < 0:
             raise ValueError(f"lr_warmup_images must be >= 0, got {lr_warmup_images}")
-        self.save_hyperparameters(ignore=["sampler", "guidance"])  # the subclass's arguments too (its frames)
+        if conditioner is not None and class_conditional:
+            raise ValueError("give either class_conditional=True or a conditioner, not both")
+        self.save_hyperparameters(ignore=["sampler", "guidance", "conditioner"])  # the subclass's arguments too
         self.class_conditional = class_conditional
         self.label_dropout = label_dropout
-        self.conditioner = ClassConditioner(num_classes, label_dropout) if class_conditional else Conditioner()
+        if conditioner is None:
+            conditioner = ClassConditioner(num_classes, label_dropout) if class_conditional else Conditioner()
+        self.conditioner = conditioner
         self.optimizer_factory = standalone_factory(optimizer)
         self.lr_warmup_images = lr_warmup_images
         self.seed = seed

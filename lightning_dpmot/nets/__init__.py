@@ -19,6 +19,7 @@ from lightning_dpmot.nets.embeddings import (
 )
 from lightning_dpmot.nets.layers import Conv2d, UNetBlock
 from lightning_dpmot.nets.mlp import MLPDenoiserNet
+from lightning_dpmot.nets.text_encoder import TextEncoder
 from lightning_dpmot.nets.unet import DDPMppUNet
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "FourierEmbedding",
     "MLPDenoiserNet",
     "PositionalEmbedding",
+    "TextEncoder",
     "UNetBlock",
     "class_one_hot",
     "noise_embedding",

@@ -20,6 +20,7 @@ import pickle
 import shutil
 import tarfile
 import urllib.request
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,12 +34,14 @@ from lightning_dpmot.data.base import DiffusionDataModule, Split, TensorDictData
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_VAL_FILES = ("test_batch",)
 CIFAR10_FILES = CIFAR10_TRAIN_FILES + CIFAR10_VAL_FILES
 CIFAR10_NUM_TRAIN = 50_000
+CIFAR10_NUM_CLASSES = 10
 
 # The only globals a CIFAR-10 batch (a dict of bytes, lists and NumPy arrays) refers to; ``_codecs.encode`` is
 # how Python 3 writes bytes under pickle protocol 2 (it only re-encodes a string).
@@ -81,11 +84,21 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels', got {keys}")
     data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+    try:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{path}: b'labels' must be a list of integers ({err})") from err
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
         raise ValueError(
             f"{path}: b'data' must be (N, 3072) uint8 with N labels, got {data.shape} {data.dtype} "
-            f"and {len(labels)} labels"
+            f"and labels of shape {labels.shape}"
+        )
+    bad = (labels < 0) | (labels >= CIFAR10_NUM_CLASSES)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{path}: {int(bad.sum())} label(s) outside 0..{CIFAR10_NUM_CLASSES - 1}, the first at row {first} "
+            f"({int(labels[first])}); not an official CIFAR-10 batch"
         )
     images = rearrange(data, "n (c h w) -> n c h w", c=3, h=32, w=32)
     return np.ascontiguousarray(images), labels
@@ -105,13 +118,34 @@ def download_url(url: str, dest: Path) -> None:
         shutil.copyfileobj(response, f)
 
 
-def file_md5(path: Path) -> str:
-    """Hex MD5 digest of a file."""
-    digest = hashlib.md5(usedforsecurity=False)
+def file_digests(path: Path) -> tuple[str, str]:
+    """Hex ``(MD5, SHA-256)`` digests of a file, read once."""
+    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def archive_mismatch(path: Path) -> str | None:
+    """``None`` if ``path`` has the official archive's MD5 and SHA-256, else a sentence saying which differ."""
+    md5, sha256 = file_digests(path)
+    wrong = [
+        f"{name} {got} (expected {want})"
+        for name, got, want in (("MD5", md5, CIFAR10_MD5), ("SHA-256", sha256, CIFAR10_SHA256))
+        if got != want
+    ]
+    return f"{path}: " + " and ".join(wrong) if wrong else None
+
+
+def _aside_name(path: Path) -> Path:
+    """A free name ``<path>.corrupt``, ``<path>.corrupt-1``, ... beside ``path``."""
+    candidate, n = path.with_name(path.name + ".corrupt"), 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.corrupt-{n}")
+    return candidate
 
 
 def safe_extract(archive: Path, dest: Path) -> list[Path]:
@@ -152,28 +186,40 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
 def download_cifar10(root: Path) -> Path:
     """Fetch and extract CIFAR-10 into ``root`` unless already there; returns the batch folder.
 
-    An existing ``root/cifar-10-python.tar.gz`` is reused. The archive's MD5 must equal :data:`CIFAR10_MD5`;
-    on a mismatch the archive is deleted and nothing is extracted.
+    An existing ``root/cifar-10-python.tar.gz`` is reused when its MD5 and SHA-256 are the official ones
+    (:data:`CIFAR10_MD5`, :data:`CIFAR10_SHA256`). One that does not match is never deleted: it is renamed to
+    ``cifar-10-python.tar.gz.corrupt`` (``.corrupt-1``, ... if taken) and a fresh copy is downloaded. Downloads go
+    to ``cifar-10-python.tar.gz.part`` and become the archive only once both digests match; a download that does
+    not match is removed and nothing is extracted. Extraction never overwrites a file.
     """
     found = find_cifar10_dir(root)
     if found is not None:
         return found
     root.mkdir(parents=True, exist_ok=True)
     archive = root / CIFAR10_ARCHIVE
+    if archive.is_file():
+        mismatch = archive_mismatch(archive)
+        if mismatch is not None:
+            aside = _aside_name(archive)
+            archive.rename(aside)
+            warnings.warn(
+                f"{mismatch}: not the official CIFAR-10 archive; moved it to {aside} (delete it yourself if it is of "
+                f"no use) and downloading a fresh copy from {CIFAR10_URL}",
+                stacklevel=2,
+            )
     if not archive.is_file():
         partial = root / (CIFAR10_ARCHIVE + ".part")
         try:
             download_url(CIFAR10_URL, partial)
-            partial.replace(archive)
+            mismatch = archive_mismatch(partial)
+            if mismatch is not None:
+                raise ValueError(
+                    f"the download of {CIFAR10_URL} does not verify: {mismatch}; it was discarded and nothing was "
+                    f"extracted. Retry, or download the archive by hand into {archive}"
+                )
+            partial.rename(archive)
         finally:
             partial.unlink(missing_ok=True)
-    md5 = file_md5(archive)
-    if md5 != CIFAR10_MD5:
-        archive.unlink()
-        raise ValueError(
-            f"{archive}: MD5 {md5} does not match the expected {CIFAR10_MD5}; the file was removed and "
-            f"nothing was extracted. Retry, or download {CIFAR10_URL} by hand"
-        )
     safe_extract(archive, root)
     found = find_cifar10_dir(root)
     if found is None:
@@ -189,7 +235,8 @@ class CIFAR10DataModule(DiffusionDataModule):
 
     Args:
         root: folder holding ``cifar-10-batches-py/`` (or that folder itself).
-        download: fetch the official archive into ``root`` if the batches are missing (MD5-checked).
+        download: fetch the official archive into ``root`` if the batches are missing (MD5- and SHA-256-checked;
+            a mismatching archive already there is moved aside, never deleted).
         subset: use only the first N training images (debugging and tests); ``null`` uses all 50,000.
         **kwargs: the loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule` (``batch_size``,
             ``num_workers``, ``x_flip``, ``predict_num_samples``, ...).

@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import io
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -133,7 +134,16 @@ def test_restricted_unpickler_refuses_foreign_globals(tmp_path: Path) -> None:
         read_cifar_batch(path)
 
 
-def test_md5_mismatch_removes_the_archive_and_extracts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _official_digests(monkeypatch: pytest.MonkeyPatch, archive: Path) -> None:
+    """Make ``archive`` count as the official one (both digests)."""
+    data = archive.read_bytes()
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(cifar10, "CIFAR10_SHA256", hashlib.sha256(data).hexdigest())
+
+
+def test_download_that_does_not_verify_is_discarded_and_extracts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
 
     def fake_download(url: str, dest: Path) -> None:
@@ -142,10 +152,22 @@ def test_md5_mismatch_removes_the_archive_and_extracts_nothing(tmp_path: Path, m
 
     monkeypatch.setattr(cifar10, "download_url", fake_download)
     dm = CIFAR10DataModule(root=str(tmp_path), download=True)
-    with pytest.raises(ValueError, match=f"does not match the expected {cifar10.CIFAR10_MD5}"):
+    with pytest.raises(ValueError, match="does not verify") as info:
         dm.prepare_data()
+    assert f"(expected {cifar10.CIFAR10_MD5})" in str(info.value)
+    assert f"(expected {cifar10.CIFAR10_SHA256})" in str(info.value)
     assert calls == [cifar10.CIFAR10_URL]
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # archive and partial file gone, nothing extracted
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # partial download gone, nothing extracted
+
+
+def test_sha256_is_checked_besides_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "fake.tar.gz"
+    _fake_archive(archive, _fake_batches())
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())  # MD5 matches only
+    monkeypatch.setattr(cifar10, "download_url", lambda url, dest: dest.write_bytes(archive.read_bytes()))
+    with pytest.raises(ValueError, match=f"SHA-256 [0-9a-f]{{64}} \\(expected {cifar10.CIFAR10_SHA256}\\)"):
+        CIFAR10DataModule(root=str(tmp_path / "data"), download=True).prepare_data()
+    assert cifar10.CIFAR10_SHA256 == "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 
 
 def test_verified_download_extracts_once_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,7 +180,7 @@ def test_verified_download_extracts_once_and_loads(tmp_path: Path, monkeypatch: 
         dest.write_bytes(archive.read_bytes())
 
     monkeypatch.setattr(cifar10, "download_url", fake_download)
-    monkeypatch.setattr(cifar10, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    _official_digests(monkeypatch, archive)
     root = tmp_path / "data"
     dm = CIFAR10DataModule(root=str(root), download=True)
     dm.prepare_data()
@@ -170,14 +192,59 @@ def test_verified_download_extracts_once_and_loads(tmp_path: Path, monkeypatch: 
 
 def test_existing_archive_is_reused_without_downloading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_archive(tmp_path / "cifar-10-python.tar.gz", _fake_batches())
-    digest = hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
-    monkeypatch.setattr(cifar10, "CIFAR10_MD5", digest)
+    _official_digests(monkeypatch, tmp_path / "cifar-10-python.tar.gz")
 
     def no_download(url: str, dest: Path) -> None:
         raise AssertionError("must not download")
 
     monkeypatch.setattr(cifar10, "download_url", no_download)
     assert len(CIFAR10DataModule(root=str(tmp_path), download=True).dataset("val")) == 3
+
+
+def test_a_corrupt_existing_archive_is_moved_aside_never_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = tmp_path / "good.tar.gz"
+    _fake_archive(good, _fake_batches())
+    _official_digests(monkeypatch, good)
+    monkeypatch.setattr(cifar10, "download_url", lambda url, dest: dest.write_bytes(good.read_bytes()))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(b"the user's truncated download")
+    (root / "cifar-10-python.tar.gz.corrupt").write_bytes(b"an earlier one")
+    with pytest.warns(
+        UserWarning, match=r"cifar-10-python.tar.gz: MD5 [0-9a-f]{32} \(expected .*moved it to .*corrupt-1"
+    ):
+        CIFAR10DataModule(root=str(root), download=True).prepare_data()
+    assert (root / "cifar-10-python.tar.gz.corrupt-1").read_bytes() == b"the user's truncated download"
+    assert (root / "cifar-10-python.tar.gz.corrupt").read_bytes() == b"an earlier one"
+    assert (root / "cifar-10-python.tar.gz").read_bytes() == good.read_bytes()
+    assert len(CIFAR10DataModule(root=str(root)).dataset("train")) == 20
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0, 10], r"1 label\(s\) outside 0..9, the first at row 1 \(10\); not an official CIFAR-10 batch"),
+        ([-1, 3], r"1 label\(s\) outside 0..9, the first at row 0 \(-1\)"),
+        ([0], r"b'data' must be \(N, 3072\) uint8 with N labels, got \(2, 3072\) uint8 and labels of shape \(1,\)"),
+        ([[0], [1]], r"b'data' must be .* and labels of shape \(2, 1\)"),
+        (["a", "b"], r"b'labels' must be a list of integers"),
+    ],
+)
+def test_bad_labels_are_rejected_naming_the_batch_file(tmp_path: Path, labels: list[object], message: str) -> None:
+    path = tmp_path / "data_batch_3"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=2))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {message}"):
+        read_cifar_batch(path)
+
+
+def test_a_bad_batch_fails_the_datamodule_naming_the_file(cifar_root: Path) -> None:
+    batches = _fake_batches()
+    batches["data_batch_2"][b"labels"][0] = 12
+    _write_batches(cifar_root / "cifar-10-batches-py", batches)
+    with pytest.raises(ValueError, match=r"cifar-10-batches-py/data_batch_2: 1 label\(s\) outside 0..9"):
+        CIFAR10DataModule(root=str(cifar_root)).dataset("train")
 
 
 @pytest.mark.parametrize("member", ["../evil", "/abs/evil", "a/../../evil"])

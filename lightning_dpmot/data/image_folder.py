@@ -3,8 +3,9 @@
 Images are found recursively (extensions ``.png``, ``.jpg``, ``.jpeg``, any case) and sorted by their path
 relative to the root, so the file order, and with it the seeded train/val split, is the same on every machine.
 Each item is decoded when it is read (nothing is cached; use DataLoader workers to decode in parallel):
-converted to grayscale or RGB (an alpha channel is dropped), the shorter side resized to ``resolution``
-(bicubic; Pillow antialiases when downsampling), then centre-cropped to a square.
+converted to 8-bit grayscale or RGB (16-bit grayscale scaled, transparency composited over white: :func:`to_8bit`),
+the shorter side resized to ``resolution`` (bicubic; Pillow antialiases when downsampling), then centre-cropped to a
+square. An unreadable file stops the run with an error naming it, or is left out (``on_bad_item="skip"``).
 
 With ``class_subfolders`` every immediate subfolder of the root is a class; sorted folder names give labels
 0..K-1. The folder names are listed in ``__init__`` (so ``num_classes`` is known there); files are listed when
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from einops import rearrange
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -36,8 +38,32 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
+#: What Pillow raises for unreadable files: not an image, truncated, corrupt streams, decompression bombs.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def to_8bit(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode to 8-bit ``"L"`` (channels 1) or ``"RGB"`` (channels 3) without clipping.
+
+    16-bit and 32-bit integer grayscale (``"I;16*"``, ``"I"``: 0..65535) is scaled by 255 / 65535, float
+    grayscale (``"F"``: 0..1) by 255, both rounded and clipped; images with transparency (``"RGBA"``, ``"LA"``,
+    ``"PA"``, palettes or ``"L"``/``"RGB"`` with a transparent colour) are composited over white; palettes and
+    other modes (``"1"``, ``"CMYK"``, ``"YCbCr"``, ...) use Pillow's conversion.
+    """
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode.startswith("I") or img.mode == "F":
+        value = np.asarray(img, dtype=np.float64)
+        value = np.nan_to_num(value, nan=0.0) * (255.0 if img.mode == "F" else 255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.round(value), 0, 255).astype(np.uint8), "L").convert(mode)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert(mode)
+    return img.convert(mode)
+
+
 def load_image(path: Path, resolution: int, channels: int) -> Tensor:
-    """Decode, resize the shorter side to ``resolution`` and centre-crop one image.
+    """Decode (any mode, see :func:`to_8bit`), resize the shorter side to ``resolution`` and centre-crop one image.
 
     Args:
         path: a PNG or JPEG file.
@@ -46,12 +72,17 @@ def load_image(path: Path, resolution: int, channels: int) -> Tensor:
 
     Returns:
         (channels, R, R) uint8.
+
+    Raises:
+        ValueError: naming ``path`` when the file cannot be decoded.
     """
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+            img = to_8bit(img, channels)
+    except _DECODE_ERRORS as err:
+        raise ValueError(
+            f"cannot read image {path}: {err} (set data.init_args.on_bad_item: skip to leave unreadable files out)"
+        ) from err
     width, height = img.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -104,6 +135,9 @@ class ImageFolderDataModule(DiffusionDataModule):
         class_subfolders: each immediate subfolder is a class (sorted names -> labels 0..K-1).
         val_fraction: fraction of the images (of every class) held out for validation.
         split_seed: seed of the train/val split.
+        on_bad_item: what an unreadable (corrupt, truncated, not an image) file does: ``"error"`` stops the run
+            with an error naming the file when the file is read; ``"skip"`` decodes every file once when the
+            dataset is built and leaves the unreadable ones out, with a warning that counts and names them.
         **kwargs: the loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule` (``batch_size``,
             ``num_workers``, ``x_flip``, ``predict_num_samples``, ...).
     """
@@ -116,9 +150,12 @@ class ImageFolderDataModule(DiffusionDataModule):
         class_subfolders: bool = False,
         val_fraction: float = 0.05,
         split_seed: int = 0,
+        on_bad_item: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if on_bad_item not in ("error", "skip"):
+            raise ValueError(f"on_bad_item must be 'error' or 'skip', got {on_bad_item!r}")
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         if channels not in (1, 3):
@@ -129,6 +166,8 @@ class ImageFolderDataModule(DiffusionDataModule):
         self.resolution, self.channels = resolution, channels
         self.class_subfolders = class_subfolders
         self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.on_bad_item = on_bad_item
+        self.skipped: list[Path] = []  # files left out by on_bad_item="skip"
         self.classes: list[str] = []
         if class_subfolders:
             self._check_root()
@@ -163,18 +202,42 @@ class ImageFolderDataModule(DiffusionDataModule):
             if self.class_subfolders:
                 paths, labels = [], []
                 for label, cls in enumerate(self.classes):
-                    found = list_images(self.root / cls)
+                    found = self._readable(list_images(self.root / cls))
                     if not found:
-                        raise FileNotFoundError(f"class folder {self.root / cls} has no images ({exts})")
+                        raise FileNotFoundError(f"class folder {self.root / cls} has no {self._usable}images ({exts})")
                     paths += found
                     labels += [label] * len(found)
             else:
-                paths = list_images(self.root)
+                paths = self._readable(list_images(self.root))
                 labels = [0] * len(paths)
                 if not paths:
-                    raise FileNotFoundError(f"no images ({exts}) found under {self.root}")
+                    raise FileNotFoundError(f"no {self._usable}images ({exts}) found under {self.root}")
+            if self.skipped:
+                shown = ", ".join(str(p) for p in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
+                rank_zero_warn(
+                    f"{self.root}: left out {len(self.skipped)} unreadable image file(s) of "
+                    f"{len(paths) + len(self.skipped)} (on_bad_item='skip'): {shown}"
+                )
             self._files = (paths, np.asarray(labels, dtype=np.int64))
         return self._files
+
+    @property
+    def _usable(self) -> str:
+        return "readable " if self.on_bad_item == "skip" else ""
+
+    def _readable(self, paths: list[Path]) -> list[Path]:
+        """``paths`` without the files that cannot be decoded (all of them unless ``on_bad_item="skip"``)."""
+        if self.on_bad_item != "skip":
+            return paths
+        kept = []
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    to_8bit(img, self.channels)
+                kept.append(path)
+            except _DECODE_ERRORS:
+                self.skipped.append(path)
+        return kept
 
     @override
     def build_dataset(self, split: Split) -> Dataset:

@@ -29,7 +29,10 @@ from torch import Tensor, nn
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILENAME}"
-WEIGHTS_SHA256_PREFIX = "6726825d"
+#: Full SHA-256 of the weights file; the 8 hex digits in its name are the first 8 (pytorch-fid's
+#: ``pt_inception-2015-12-05-6726825d.pth`` has the same digest).
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+WEIGHTS_SHA256_PREFIX = WEIGHTS_SHA256[:8]
 WEIGHTS_ENV_VAR = "DPMOT_INCEPTION_WEIGHTS"
 INPUT_SIZE = 299
 
@@ -296,14 +299,14 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None) -> 
     lines = "\n".join(f"  - {path} ({origin})" for path, origin in searched)
     raise FileNotFoundError(
         f"Inception-v3 FID weights '{WEIGHTS_FILENAME}' not found. Searched:\n{lines}\n"
-        f"Download {WEIGHTS_URL} (sha256 starts with {WEIGHTS_SHA256_PREFIX}), e.g. with\n"
+        f"Download {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}), e.g. with\n"
         f"  python -c 'from lightning_dpmot.metrics.inception import download_inception_weights as d; d()'\n"
         f"and pass weights_path=<file>, set ${WEIGHTS_ENV_VAR}=<file>, or put it in {default_weights_dir()}."
     )
 
 
 def download_inception_weights(dest: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """Downloads the weights and checks their sha256 prefix (never called implicitly).
+    """Downloads the weights and checks their full sha256 (never called implicitly).
 
     Args:
         dest: target file or directory (default: ``$TORCH_HOME/hub/checkpoints``).
@@ -316,7 +319,7 @@ def download_inception_weights(dest: str | os.PathLike | None = None, progress: 
     if target.is_dir() or dest is None:
         target = target / WEIGHTS_FILENAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(WEIGHTS_URL, str(target), hash_prefix=WEIGHTS_SHA256_PREFIX, progress=progress)
+    torch.hub.download_url_to_file(WEIGHTS_URL, str(target), hash_prefix=WEIGHTS_SHA256, progress=progress)
     return target
 
 
@@ -325,7 +328,7 @@ def load_inception_state_dict(path: str | os.PathLike, verify_hash: bool = True)
 
     Args:
         path: the ``.pth`` file.
-        verify_hash: require the file's sha256 to start with ``WEIGHTS_SHA256_PREFIX``.
+        verify_hash: require the file's sha256 to be ``WEIGHTS_SHA256`` (all 64 hex digits).
 
     Returns:
         Mapping of parameter/buffer names to tensors (``num_batches_tracked`` entries dropped).
@@ -335,9 +338,9 @@ def load_inception_state_dict(path: str | os.PathLike, verify_hash: bool = True)
         raise FileNotFoundError(f"Inception weights file not found: {path}")
     if verify_hash:
         digest = _sha256(path)
-        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        if digest != WEIGHTS_SHA256:
             raise ValueError(
-                f"sha256 of {path} is {digest[:16]}..., expected it to start with {WEIGHTS_SHA256_PREFIX} "
+                f"sha256 of {path} is {digest}, expected {WEIGHTS_SHA256} "
                 f"(the file is not {WEIGHTS_FILENAME}, or it is truncated); re-download {WEIGHTS_URL}"
             )
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -351,7 +354,7 @@ class InceptionV3Features(nn.Module):
 
     Args:
         weights_path: weights file or directory; see :func:`resolve_inception_weights` for the search order.
-        verify_hash: check the file's sha256 prefix when loading (disable only for test fixtures).
+        verify_hash: check the file's full sha256 when loading (disable only for test fixtures).
         quantize: round [0, 1] float input to 8-bit levels first, as when images are saved as PNG (the
             standard protocol); ``False`` feeds the exact float values.
         pretrained: load weights (``False``: random initialisation, for shape checks only).

@@ -28,7 +28,6 @@ CACHE_FORMAT = 1
 """Bump when the stored layout or the meaning of an entry changes (old entries are then never read)."""
 
 _HEX = set("0123456789abcdef")
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 class WeightHashError(ValueError):
@@ -53,19 +52,12 @@ def check_sha256(digest: str, what: str = "sha256") -> str:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file (memoised per process by path, size and modification time)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    cached = _DIGESTS.get(key)
-    if cached is not None:
-        return cached
+    """SHA-256 hex digest of a file, read in full every time (no memo that a same-size rewrite could fool)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike[str], expected: str) -> str:
@@ -156,9 +148,15 @@ class EmbeddingCache:
         """Store ``states`` ``(L, C)`` for ``text`` (atomically: temporary file + rename)."""
         states = _plain_cpu_copy(states)
         path = self.path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_meta()
-        _atomic_save({"text": text, "tokens": states}, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_meta()
+            _atomic_save({"text": text, "tokens": states}, path)
+        except OSError as err:
+            raise OSError(
+                f"cannot write the text-embedding cache entry {path}: {err} "
+                f"(choose another cache_dir or ${ENV_CACHE_DIR}, or disable the cache with cache=False)"
+            ) from err
         self._remember(text, states)
 
     def _remember(self, text: str, states: Tensor) -> None:

@@ -9,8 +9,9 @@
 submodule: a LightningModule that owns a ``TextEncoder`` sees none of its weights in ``parameters()`` (so not in the
 optimizer), in ``state_dict()`` (so not in any checkpoint; the encoder is rebuilt from its constructor arguments),
 or in the copy ``copy.deepcopy`` makes (EMA's ``AveragedModel`` shares the one frozen model instead of copying it).
-Its weights never require gradients, it is always in eval mode (``train()`` is a no-op, so Lightning's
-``model.train()`` cannot turn dropout on) and encoding runs under ``torch.no_grad()`` with autocast disabled.
+Its weights never require gradients, it is always in eval mode (``train()`` leaves the wrapped model in eval mode,
+so Lightning's ``model.train()`` cannot turn dropout on) and encoding runs under ``torch.no_grad()`` with autocast
+disabled.
 ``module.to(device)`` moves it with its parent; dtype casts of the parent (``.half()``, ``bf16-true``) do not touch
 it: its compute dtype is ``dtype`` (float32 or bfloat16; float16 is refused: T5 overflows to inf/NaN in fp16).
 
@@ -77,7 +78,7 @@ class TextEncoder(nn.Module):
     model and its tokenizer, e.g. google/t5-v1_1-base or mT5, loaded as ``T5EncoderModel``/``MT5EncoderModel``;
     anything else through ``AutoModel``, the encoder half of encoder-decoder models). Loading is always
     ``local_files_only=True`` without ``trust_remote_code``: nothing is downloaded. **all-MiniLM-L6-v2 is
-    English-only**: its uncased WordPiece vocabulary maps almost every Chinese character to ``[UNK]``, so Chinese
+    English-only**: its uncased WordPiece vocabulary maps most Chinese characters to ``[UNK]``, so Chinese
     prompts should reach it through their aligned English line (UPainting's bilingual pairs); use an mT5 directory
     for a multilingual LM.
 
@@ -240,7 +241,6 @@ class TextEncoder(nn.Module):
             root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
             cache_obj = EmbeddingCache(root, self._cache_namespace(), meta, memory_cache_size)
         object.__setattr__(self, "_cache", cache_obj)
-        super().train(False)
 
     def _cache_namespace(self) -> str:
         """SHA-256 of what decides an encoding besides the text: fingerprint, max_length, compute dtype."""
@@ -281,8 +281,11 @@ class TextEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------- frozen behaviour
     def train(self, mode: bool = True) -> TextEncoder:
-        """Always eval: the frozen encoder never runs dropout, whatever its parent's mode."""
-        super().train(False)
+        """The wrapped model stays in eval mode whatever ``mode`` is: the frozen encoder never runs dropout.
+
+        Only this wrapper's own ``training`` flag (it has no dropout or normalisation of its own) follows the parent,
+        so that Lightning does not warn about a module in eval mode at the start of every fit."""
+        super().train(mode)
         self._model.eval()
         return self
 

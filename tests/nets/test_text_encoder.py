@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
+from torch.utils.data import DataLoader
 
 pytest.importorskip("transformers", reason="the text encoder needs the 'text' extra (transformers)")
 
@@ -119,7 +121,7 @@ def test_bad_texts_are_refused(tiny: TextEncoder) -> None:
 def test_frozen_eval_even_after_train(tiny: TextEncoder) -> None:
     parent = Parent(tiny)
     parent.train()  # what Lightning does at the start of every training epoch
-    assert parent.proj.training and not tiny.training
+    assert parent.proj.training
     assert not tiny.hf_model.training and not any(m.training for m in tiny.hf_model.modules())
     assert not any(p.requires_grad for p in tiny.hf_model.parameters())
     assert tiny.hf_model.config.dropout_rate > 0  # dropout exists, so equal outputs below mean it is off
@@ -148,6 +150,58 @@ def test_not_in_parameters_state_dict_or_deepcopy(tiny: TextEncoder) -> None:
     assert torch.equal(clone.text_encoder.encode(["x"])["tokens"], tiny.encode(["x"])["tokens"])
     averaged = torch.optim.swa_utils.AveragedModel(parent)
     assert averaged.module.text_encoder.hf_model is tiny.hf_model
+
+
+def test_lightning_fit_keeps_the_encoder_out_of_optimizer_ema_and_checkpoint(
+    tmp_path: Path, tiny: TextEncoder, recwarn: pytest.WarningsRecorder
+) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    class TextModule(L.LightningModule):
+        def __init__(self, encoder: TextEncoder) -> None:
+            super().__init__()
+            self.text_encoder = encoder
+            self.proj = nn.Linear(encoder.dim, 1)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            assert self.training and not any(m.training for m in self.text_encoder.hf_model.modules())
+            cond = self.text_encoder.encode([f"caption {int(i)}" for i in batch])
+            return self.proj(cond["tokens"]).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(torch.arange(4), batch_size=2)
+
+    module, ema = TextModule(tiny), WeightAveraging()
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ema], enable_checkpointing=False)
+    trainer.fit(module)
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]  # no "module in eval mode" warning
+    encoder_ptrs = {p.data_ptr() for p in tiny.hf_model.parameters()}
+    optimized = {p.data_ptr() for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert optimized == {module.proj.weight.data_ptr(), module.proj.bias.data_ptr()}
+    assert optimized.isdisjoint(encoder_ptrs)
+    assert ema._average_model is not None and ema._average_model.module.text_encoder.hf_model is tiny.hf_model
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {"proj.weight", "proj.bias"}
+
+
+def test_configurable_from_yaml_like_lightning_cli(tiny_dir: Path) -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--encoder", type=TextEncoder)
+    config = {"class_path": "lightning_dpmot.nets.TextEncoder", "init_args": {"pretrained": str(tiny_dir)}}
+    args = parser.parse_args(
+        ["--encoder", json.dumps({**config, "init_args": {**config["init_args"], "cache": False}})]
+    )
+    encoder = parser.instantiate(args).encoder
+    assert isinstance(encoder, TextEncoder) and encoder.dim == 32 and encoder.dtype == torch.float32
+    with pytest.raises(Exception, match="float16"):  # the Literal type already rejects fp16 at parse time
+        parser.parse_args(["--encoder", json.dumps({**config, "init_args": {"dtype": "float16"}})])
 
 
 def test_device_follows_parent_but_dtype_casts_do_not(tiny: TextEncoder) -> None:
@@ -326,6 +380,11 @@ def test_cache_directory_env_and_disabling(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(ValueError, match="cache"):
         off.warm_cache(["x"])
     assert enc.warm_cache(["env", "new one", "new two"], batch_size=1) == 2
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    unwritable = TextEncoder.tiny_random(seed=0, cache=True, cache_dir=str(blocked))
+    with pytest.raises(OSError, match=f"cannot write the text-embedding cache entry {blocked}.*cache=False"):
+        unwritable.encode(["x"])
 
 
 def _fail(*args: object, **kwargs: object) -> None:

@@ -165,6 +165,11 @@ class SeedDataset(Dataset):
         return {"seed": seed, **generation_conditions(seed, self.num_classes)}
 
 
+def _stack(values: list[Any], device: torch.device | str) -> Any:
+    """Stack tensors into one (P, ...) tensor on ``device``; other values stay a list of P."""
+    return torch.stack(values).to(device) if all(isinstance(v, Tensor) for v in values) else values
+
+
 class DiffusionDataModule(L.LightningDataModule):
     """Base class: loaders, splits and shapes shared by all datasets; it owns the loader arguments.
 
@@ -293,7 +298,8 @@ class DiffusionDataModule(L.LightningDataModule):
             device: where the pool goes.
 
         Returns:
-            The stacked items: ``{"x": (P, *data_shape), "index": (P,)[, "label": (P,)]}`` on ``device``.
+            The stacked items: ``{"x": (P, *data_shape), "index": (P,)[, "label": (P,)]}`` on ``device``;
+            entries that are not tensors (e.g. captions) as lists of P values.
         """
         dataset = self.dataset("train")
         if len(dataset) < size:
@@ -302,7 +308,7 @@ class DiffusionDataModule(L.LightningDataModule):
         gen = make_generator(seed, rank, pool_index, _POOL_INDEX)
         idx = torch.randperm(len(dataset), generator=gen)[:size]
         items = [dataset[int(i)] for i in idx]
-        pool = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
+        pool = {key: _stack([item[key] for item in items], device) for key in items[0]}
         if self.x_flip and pool["x"].ndim == 4:
             apply_x_flip(pool, len(dataset), seed, _POOL_FLIP_EPOCH + pool_index)
         return pool

@@ -203,3 +203,23 @@ def test_epoch_seeded_sampler_replays_the_same_order() -> None:
     assert list(EpochSeededRandomSampler(data, seed=1)) == first
     s.set_epoch(1)
     assert list(s) != first
+
+
+class _Captioned(_Ramp):
+    def build_dataset(self, split: Split) -> Dataset:
+        ramp = super().build_dataset(split)
+
+        class WithCaptions(Dataset):
+            def __len__(self) -> int:
+                return len(ramp)
+
+            def __getitem__(self, i: int) -> dict[str, object]:
+                return {**ramp[i], "caption": f"item {i}"}
+
+        return WithCaptions()
+
+
+def test_draw_pool_keeps_non_tensor_entries_as_lists() -> None:
+    pool = _Captioned().draw_pool(4, rank=0, pool_index=0)
+    assert pool["caption"] == [f"item {int(i)}" for i in pool["index"]]
+    assert pool["x"].shape == (4, 1, 2, 2)

@@ -390,6 +390,9 @@ class DPMOTCLI(LightningCLI):
             files = [p for p in Path(log_dir).rglob("*") if p.is_file() or p.is_symlink()]
             if all(p.name in _SETUP_ONLY_FILES for p in files):
                 shutil.rmtree(log_dir, ignore_errors=True)
+                parent = Path(log_dir).parent  # e.g. runs/quickstart, if this was its only version
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
 
 
 def _one_line(err: BaseException) -> str:

@@ -40,23 +40,21 @@ SHAPES = ("square", "circle", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")
 SIZES = ("small", "large")
 RELATIONS = ("none", "left_of", "above", "between")
-#: RGB in [0, 1] of each colour (distinct hue/brightness ratios; the background is black).
-COLOUR_RGB = (
-    np.array(
-        [
-            [220, 40, 40],  # red
-            [40, 180, 60],  # green
-            [40, 80, 230],  # blue
-            [235, 220, 50],  # yellow
-            [150, 60, 210],  # purple
-            [245, 140, 30],  # orange
-            [235, 235, 235],  # white
-            [50, 210, 220],  # cyan
-        ],
-        dtype=np.float32,
-    )
-    / 255.0
-)
+#: RGB in [0, 1] of each colour: distinct hues, all with maximum channel 1, so the per-pixel maximum over RGB of a
+#: render is exactly the objects' coverage (shape is readable independently of colour).
+COLOUR_RGB = np.array(
+    [
+        [255, 45, 45],  # red
+        [57, 255, 85],  # green
+        [44, 89, 255],  # blue
+        [255, 239, 54],  # yellow
+        [182, 73, 255],  # purple
+        [255, 146, 31],  # orange
+        [255, 255, 255],  # white
+        [58, 243, 255],  # cyan
+    ],
+    dtype=np.float32,
+) / 255.0
 #: Object side (bounding box) as a fraction of a grid cell, per size.
 SIZE_FRACTION = (0.55, 0.85)
 GRID = 3

@@ -32,6 +32,7 @@ from lightning_dpmot.metrics.reference_stats import (
     compute_reference_stats,
     to_unit_range,
 )
+from lightning_dpmot.metrics.shapes_classifier import ShapesAttributeClassifier, scene_accuracy
 
 _LAZY = {
     "build_fid_metric": "fid_metrics",
@@ -54,6 +55,7 @@ __all__ = [
     "InceptionV3Features",
     "PrecisionRecall",
     "ReferenceStats",
+    "ShapesAttributeClassifier",
     "TrajectoryRecorder",
     "cached_reference_stats",
     "compute_reference_stats",
@@ -70,6 +72,7 @@ __all__ = [
     "off_mode_rate",
     "precision_recall",
     "resolve_inception_weights",
+    "scene_accuracy",
     "self_nearest_distance",
     "straightness_deviation",
     "to_unit_range",

@@ -192,3 +192,10 @@ def test_committed_benchmark_equals_the_generator_and_parses(tmp_path: Path) -> 
         (tmp_path / rel).write_text(text if rel != "Chinese/simple_scene.txt" else text + "一个大的红色圆形\n", "utf-8")
     with pytest.raises(ValueError, match="simple_scene has 100 English, 101 Chinese"):
         read_benchmark(tmp_path)
+
+
+def test_training_loader_yields_captioned_batches(dm: ShapesCaptionsDataModule) -> None:
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (8, 3, 16, 16) and len(batch["caption_en"]) == 8
+    ds = dm.dataset("train")
+    assert [ds.label(int(i)) for i in batch["index"]] == [parse_caption(c, "en") for c in batch["caption_en"]]

@@ -42,19 +42,22 @@ SIZES = ("small", "large")
 RELATIONS = ("none", "left_of", "above", "between")
 #: RGB in [0, 1] of each colour: distinct hues, all with maximum channel 1, so the per-pixel maximum over RGB of a
 #: render is exactly the objects' coverage (shape is readable independently of colour).
-COLOUR_RGB = np.array(
-    [
-        [255, 45, 45],  # red
-        [57, 255, 85],  # green
-        [44, 89, 255],  # blue
-        [255, 239, 54],  # yellow
-        [182, 73, 255],  # purple
-        [255, 146, 31],  # orange
-        [255, 255, 255],  # white
-        [58, 243, 255],  # cyan
-    ],
-    dtype=np.float32,
-) / 255.0
+COLOUR_RGB = (
+    np.array(
+        [
+            [255, 45, 45],  # red
+            [57, 255, 85],  # green
+            [44, 89, 255],  # blue
+            [255, 239, 54],  # yellow
+            [182, 73, 255],  # purple
+            [255, 146, 31],  # orange
+            [255, 255, 255],  # white
+            [58, 243, 255],  # cyan
+        ],
+        dtype=np.float32,
+    )
+    / 255.0
+)
 #: Object side (bounding box) as a fraction of a grid cell, per size.
 SIZE_FRACTION = (0.55, 0.85)
 GRID = 3

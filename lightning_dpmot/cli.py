@@ -24,6 +24,7 @@ Reliability (see the README's reliability section):
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import shutil
 import sys
@@ -52,7 +53,15 @@ from lightning_dpmot.utils.checkpoint_io import (
     load_local_checkpoint,
 )
 
-USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    ValueError,
+    KeyError,
+)
 # files a run writes before its first step; a version folder holding nothing else is removed after a failure
 _SETUP_ONLY_FILES = {"config.yaml", "hparams.yaml"}
 
@@ -205,7 +214,7 @@ class DPMOTCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_argument(
             "--num_threads",
-            type=Optional[int],
+            type=Optional[int],  # noqa: UP045  (a runtime type for jsonargparse)
             default=None,
             help="torch.set_num_threads before anything is built (results are bit-reproducible for a fixed count)",
         )
@@ -248,7 +257,8 @@ class DPMOTCLI(LightningCLI):
         if not hparams:
             return
         if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            class_path = hparams.pop("_class_path")
+            hparams = {"class_path": class_path, "dict_kwargs": upgraded_hparams(class_path, hparams)}
         self._check_hparams(subcommand, label, hparams)
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -279,7 +289,9 @@ class DPMOTCLI(LightningCLI):
             if k in wanted and wanted[k] is not None and not k.endswith("class_path") and _plain(stored[k]) != wanted[k]
         ]
         for key in conflicts:
-            both = f"the command line gives {key}={wanted[key]!r} but checkpoint {label} was trained with {stored[key]!r}"
+            both = (
+                f"the command line gives {key}={wanted[key]!r} but checkpoint {label} was trained with {stored[key]!r}"
+            )
             if _is_explicit(key, self._explicit):
                 if subcommand == "fit" or key.startswith("net."):
                     reason = (
@@ -395,6 +407,18 @@ class DPMOTCLI(LightningCLI):
                     parent.rmdir()
 
 
+def upgraded_hparams(class_path: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyperparameters in the current form of ``class_path`` (its ``upgrade_hparams`` static method
+    renames keys written by older versions, e.g. SemiDiscreteOTModule's flat solver settings); unchanged otherwise."""
+    module_name, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return hparams  # reported by the class check that follows
+    upgrade = getattr(cls, "upgrade_hparams", None)
+    return dict(upgrade(hparams)) if callable(upgrade) else hparams
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
@@ -421,12 +445,16 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
     except NonFiniteError as err:
         if debug:
             raise
-        print(f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr
+        )
         raise SystemExit(err.exit_code) from err
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr
+        )
         raise SystemExit(2) from err
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -38,7 +38,10 @@ def tiny_config(root: Path, *, max_steps: int = 4, last_every_n_steps: int | Non
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "logger": [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root / "runs"), "name": "tiny"}}
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(root / "runs"), "name": "tiny"},
+                }
             ],
             "callbacks": callbacks,
             **trainer,
@@ -60,7 +63,9 @@ def tiny_config(root: Path, *, max_steps: int = 4, last_every_n_steps: int | Non
     return path
 
 
-def dpmot(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def dpmot(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m lightning_dpmot <args>`` with one thread; returns the completed process."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(

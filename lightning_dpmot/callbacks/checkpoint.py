@@ -113,7 +113,9 @@ class LastCheckpoint(ModelCheckpoint):
             rank_zero_warn(f"LastCheckpoint: could not save {filepath} after {type(exception).__name__}: {err}")
             return
         self._last_step_in_last = trainer.global_step
-        rank_zero_info(f"LastCheckpoint: {type(exception).__name__} in training; saved {filepath} (step {trainer.global_step})")
+        rank_zero_info(
+            f"LastCheckpoint: {type(exception).__name__} in training; saved {filepath} (step {trainer.global_step})"
+        )
 
     def _should_save_last_on_exception(self, trainer: L.Trainer, exception: BaseException) -> bool:
         return (

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_dpmot.models.generation import GenerativeModule
@@ -66,10 +67,19 @@ class SampleGrid(L.Callback):
         if trainer.is_global_zero:  # generate() runs under the module's sampling_mode: EMA weights swapped in
             self.last_path = self.write(trainer, pl_module, out_dir, name="final.png")
 
-    def write(self, trainer: L.Trainer, pl_module: GenerativeModule, out_dir: Path, name: str | None = None) -> Path:
+    def write(
+        self, trainer: L.Trainer, pl_module: GenerativeModule, out_dir: Path, name: str | None = None
+    ) -> Path | None:
         seeds = torch.arange(self.seed_offset, self.seed_offset + self.num_samples)
         result = pl_module.generate(seeds, pl_module.generation_conditions(seeds), self.sampler)
         path = out_dir / (name or f"step={trainer.global_step:08d}.png")
+        bad = int((~torch.isfinite(result.x.flatten(1)).all(1)).sum())
+        if bad:  # never draw NaN as black pixels; NonFiniteGuard decides whether training goes on
+            rank_zero_warn(
+                f"SampleGrid: {bad} of {len(seeds)} samples at step {trainer.global_step} are NaN/inf; "
+                f"{path.name} not written"
+            )
+            return None
         if result.x.ndim == 4:
             grid = make_grid(result.x)
             save_png(grid, path)

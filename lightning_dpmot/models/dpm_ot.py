@@ -43,25 +43,26 @@ from lightning_dpmot.models.semidiscrete import load_ot_checkpoint
 from lightning_dpmot.ot.semidiscrete_maps import MapName, build_map
 from lightning_dpmot.sampling.samplers import SampleResult, StepCallback
 from lightning_dpmot.sampling.spec import SamplerSpec
+from lightning_dpmot.utils.checkpoint_io import load_lightning_module
 from lightning_dpmot.utils.random import StackedGenerator, make_generator, mix_seed
 
 _OT_NOISE, _RENOISE = 0x07_5EED, 0x2E_5EED  # per-seed stream tags of the source noise and the re-noising
 
 
 def load_diffusion_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
-    """Rebuild a diffusion model from a ``dpmot fit`` checkpoint (``weights_only=True``), in eval mode.
+    """Rebuild a diffusion model from a ``dpmot fit`` checkpoint, in eval mode.
 
-    The checkpoint's hyperparameters name the class (``_class_path``) and Lightning's CLI instantiator; weights are
-    the checkpoint's ``state_dict`` (the EMA weights when EMAHalfLife was used).
+    Read by the project's one checkpoint loader (``weights_only=True``; URLs refused unless explicitly allowed;
+    errors name the file). The checkpoint's hyperparameters name the class (``_class_path``) and Lightning's CLI
+    instantiator; weights are the checkpoint's ``state_dict`` (the EMA weights when EMAHalfLife was used).
     """
     import lightning_dpmot.models  # noqa: F401  (the class must be imported for Lightning's allowlist check)
     import lightning_dpmot.nets  # noqa: F401
 
-    path = Path(path)
-    if not path.is_file():
+    if "://" not in str(path) and not Path(path).is_file():
         raise FileNotFoundError(f"diffusion checkpoint {str(path)!r} does not exist")
     try:
-        module = L.LightningModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        module = load_lightning_module(path, map_location=map_location)
     except Exception as err:
         raise ValueError(
             f"{path}: cannot rebuild the diffusion model ({type(err).__name__}: {err}); use a checkpoint written by "

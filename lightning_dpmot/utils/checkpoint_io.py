@@ -112,7 +112,9 @@ def _looks_like_checkpoint(path: Path) -> bool:
     return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def load_local_checkpoint(path: str | os.PathLike[str], map_location: MapLocation = "cpu", *, name: str | None = None) -> dict[str, Any]:
+def load_local_checkpoint(
+    path: str | os.PathLike[str], map_location: MapLocation = "cpu", *, name: str | None = None
+) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one clear :class:`CheckpointError` naming the file for any failure.
 
     Args:
@@ -147,7 +149,9 @@ def load_local_checkpoint(path: str | os.PathLike[str], map_location: MapLocatio
             ) from err
         raise CheckpointError(f"checkpoint {label} is corrupt ({size} bytes; {_first_line(err)})") from err
     except (EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"checkpoint {label} is truncated or corrupt ({size} bytes; {type(err).__name__})") from err
+        raise CheckpointError(
+            f"checkpoint {label} is truncated or corrupt ({size} bytes; {type(err).__name__})"
+        ) from err
     except RuntimeError as err:
         raise CheckpointError(
             f"checkpoint {label} is not a readable PyTorch checkpoint: truncated or corrupt ({size} bytes; "

@@ -34,7 +34,11 @@ def gather_rows(trainer: Any, rows: Tensor) -> Tensor:
 
 def is_distributed() -> bool:
     """True when a ``torch.distributed`` process group with more than one rank is initialised."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,6 @@ from dpmot_tiny import error_lines, tiny_config
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch.utils.data import DataLoader
 
-import lightning as L
 from lightning_dpmot.callbacks import NonFiniteGuard, SampleWriter
 from lightning_dpmot.callbacks.nonfinite import nonfinite_parameters
 from lightning_dpmot.cli import main

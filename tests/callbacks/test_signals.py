@@ -25,7 +25,13 @@ def start(config: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "lightning_dpmot", "fit", "--config", str(config), *extra]
     return subprocess.Popen(
-        cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=config.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -33,7 +39,9 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 240) -> N
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:] if proc.stderr else ''}")
+            raise AssertionError(
+                f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:] if proc.stderr else ''}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.2)

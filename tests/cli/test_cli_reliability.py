@@ -73,7 +73,9 @@ def test_debug_env_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.Monke
 def test_yaml_syntax_error_names_file_line_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: [1\n")
-    code, lines, err = run_main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--config", str(bad)], capsys)
+    code, lines, err = run_main(
+        ["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--config", str(bad)], capsys
+    )
     assert code == 2 and len(lines) == 1, err
     assert str(bad) in lines[0] and "line 3, column 1" in lines[0] and "YAML syntax error" in lines[0]
     with pytest.raises(ValueError, match="bad.yaml"):
@@ -184,7 +186,9 @@ def test_matching_flags_resume(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert cli.trainer.global_step == 3
 
 
-def test_evaluation_flags_win_with_a_warning(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluation_flags_win_with_a_warning(
+    tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cli = main(
         [
             "validate",
@@ -215,7 +219,9 @@ def test_checkpoint_of_another_model_says_so(tmp_path: Path, capsys: pytest.Capt
         ]
     )
     (ckpt,) = toy.rglob("last.ckpt")
-    code, lines, err = run_main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), f"--ckpt_path={ckpt}"], capsys)
+    code, lines, err = run_main(
+        ["fit", "--config", str(REPO / "configs/quickstart.yaml"), f"--ckpt_path={ckpt}"], capsys
+    )
     assert code == 2 and len(lines) == 1, err
     assert "MLPDenoiserNet" in lines[0] and "DDPMppUNet" in lines[0] and "another model" in lines[0]
     assert "data_shape [2]" in lines[0]

@@ -82,5 +82,7 @@ def test_allowed_remote_checkpoint_loads_weights_only(
     (www / "tiny.ckpt").write_bytes((tmp_path / "train" / "ckpt" / "last.ckpt").read_bytes())
     monkeypatch.setenv("DPMOT_ALLOW_REMOTE_CKPT", "1")
     config = tiny_config(tmp_path / "eval")
-    cli = main(["validate", "--config", str(config), "--trainer.limit_val_batches=1", "--ckpt_path", f"{base}/tiny.ckpt"])
+    cli = main(
+        ["validate", "--config", str(config), "--trainer.limit_val_batches=1", "--ckpt_path", f"{base}/tiny.ckpt"]
+    )
     assert "val/loss" in cli.trainer.callback_metrics

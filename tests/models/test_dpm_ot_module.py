@@ -204,3 +204,20 @@ def test_curvature_is_measured_from_the_mapped_latents(ckpts: dict[str, Path]) -
     x = StackedGenerator(seeds).randn(m.data_shape).double() * sigmas[0]
     m.inner.sample_from(x, sigmas, cond={"label": result.labels}, spec=spec, callback=noise_start)
     assert mean_trajectory_metrics(*noise_start.stack())["curvature"] != pytest.approx(measured["curvature"])
+
+
+def test_ot_checkpoint_from_before_the_solver_config_resumes_through_the_cli(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    """Checkpoints whose hyperparameters hold the flat pre-SemiDiscreteConfig solver keys: `dpmot fit --ckpt_path`
+    upgrades them (SemiDiscreteOTModule.upgrade_hparams) and DPMOTModule samples from them."""
+    ckpt = torch.load(ckpts["ot"], weights_only=True)
+    hparams = dict(ckpt["hyper_parameters"])
+    solver = {k: v for k, v in hparams.pop("solver").items() if k != "seed"}
+    old = dict(ckpt, hyper_parameters={**hparams, **solver})
+    assert "solver" not in old["hyper_parameters"] and old["hyper_parameters"]["num_mc_samples"] == 2048
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = ot_checkpoint(tmp_path / "resumed", 0.5, 5, f"--ckpt_path={tmp_path / 'old.ckpt'}")
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
+    m = DPMOTModule(str(ckpts["edm"]), str(tmp_path / "old.ckpt"), sampler=SamplerSpec("heun", num_steps=3))
+    assert torch.equal(m.generate(torch.arange(3)).x, module(ckpts).generate(torch.arange(3)).x)

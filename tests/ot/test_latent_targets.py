@@ -22,8 +22,6 @@ from lightning_dpmot.sampling import SamplerSpec
 from lightning_dpmot.utils.random import make_generator
 
 
-
-
 @pytest.fixture(scope="module")
 def digits() -> TensorDictDataset:
     return DigitsDataModule().dataset("train")

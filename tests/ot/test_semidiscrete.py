@@ -20,8 +20,6 @@ from lightning_dpmot.ot.semidiscrete_fit import max_rel_noise_floor
 SQUARE = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
 
 
-
-
 def quadrature_masses(solver: SemiDiscreteOT, h: Tensor | None = None, points: int = 1201) -> Tensor:
     """Cell masses of a 2-D solver by tensor-grid quadrature of its source (no Monte Carlo), (N,) float64."""
     if solver.config.source == "gaussian":

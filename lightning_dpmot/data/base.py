@@ -19,6 +19,7 @@ take 150 MB instead of 600 MB): :class:`TensorDictDataset` converts each item to
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -148,21 +149,35 @@ def generation_conditions(seeds: Tensor, num_classes: int) -> dict[str, Tensor]:
 class SeedDataset(Dataset):
     """Seeds ``offset .. offset + num_samples - 1`` for generation, each with its conditions.
 
-    Items: ``{"seed": () int64, **generation_conditions(seed, num_classes)}``, so batches are
-    ``{"seed": (B,), "label": (B,)}`` for class data and ``{"seed": (B,)}`` for unlabelled data.
+    ``conditions`` is the DataModule's :meth:`DiffusionDataModule.generation_conditions` (default: the class-label
+    rule for ``num_classes``); it is evaluated once for all seeds here, so items are plain values and the dataset
+    pickles for worker processes. Items: ``{"seed": () int64, **conditions}`` — batches are ``{"seed": (B,),
+    "label": (B,)}`` for class data, ``{"seed": (B,)}`` for unlabelled data, and carry prompt entries (lists of
+    strings) for captioned data.
     """
 
-    def __init__(self, num_samples: int, offset: int = 0, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        offset: int = 0,
+        num_classes: int = 0,
+        conditions: Callable[[Tensor], dict[str, Any]] | None = None,
+    ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples, self.offset, self.num_classes = num_samples, offset, num_classes
+        self.seeds = torch.arange(offset, offset + num_samples, dtype=torch.long)
+        rule = conditions or (lambda seeds: generation_conditions(seeds, num_classes))
+        self.conditions = dict(rule(self.seeds))
+        for key, value in self.conditions.items():
+            if len(value) != num_samples:
+                raise ValueError(f"generation condition {key!r} has {len(value)} entries for {num_samples} seeds")
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        seed = torch.tensor(self.offset + index, dtype=torch.long)
-        return {"seed": seed, **generation_conditions(seed, self.num_classes)}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"seed": self.seeds[index], **{k: v[index] for k, v in self.conditions.items()}}
 
 
 def _stack(values: list[Any], device: torch.device | str) -> Any:
@@ -328,5 +343,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        seeds = SeedDataset(self.predict_num_samples, self.predict_seed_offset, self.num_classes)
+        seeds = SeedDataset(
+            self.predict_num_samples, self.predict_seed_offset, self.num_classes, self.generation_conditions
+        )
         return self._loader(seeds, self.predict_batch_size)

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_dpmot.data.base import DiffusionDataModule
@@ -316,18 +316,6 @@ def read_benchmark(root: str | Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-class _PromptSeeds(Dataset):
-    def __init__(self, num_samples: int, offset: int, conditions: Any) -> None:
-        self.num_samples, self.offset, self.conditions = num_samples, offset, conditions
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        seed = torch.tensor(self.offset + index, dtype=torch.long)
-        return {"seed": seed, **self.conditions(seed)}
-
-
 class ShapesCaptionsDataModule(DiffusionDataModule):
     """Coloured shapes with aligned English/Chinese captions and structured labels, rendered on the fly.
 
@@ -336,9 +324,10 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
 
     **Generation API** (what the text-to-image model generates): :meth:`prompts` returns a fixed prompt list, each
     prompt ``{"caption_en": str, "caption_zh": str, "label": dict, "complexity": 0|1}``;
-    :meth:`generation_conditions` maps (B,) seeds to ``{"prompt_index": (B,) int64}`` = ``seed % len(prompts)``
-    into ``prompts(predict_prompts)``, so seeds ``0 .. k * P - 1`` generate every prompt k times. The model turns
-    prompt indices into text-encoder states; ``predict_dataloader`` yields ``{"seed": (B,), "prompt_index": (B,)}``.
+    :meth:`generation_conditions` maps (B,) seeds to ``{"prompt_index": (B,) int64 = seed % len(prompts),
+    "caption_en": [B], "caption_zh": [B]}`` into ``prompts(predict_prompts)``, so seeds ``0 .. k * P - 1`` generate
+    every prompt k times; the model's text conditioner encodes the caption it reads. ``predict_dataloader`` yields
+    ``{"seed": (B,), "prompt_index": (B,), "caption_en": [B], "caption_zh": [B]}``.
 
     Args:
         resolution: image side R (16 or 32).
@@ -422,17 +411,13 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
         return len(self.prompts(self.predict_prompts))
 
     @override
-    def generation_conditions(self, seeds: Tensor) -> dict[str, Tensor]:
-        """(B,) int64 seeds -> ``{"prompt_index": seeds % len(prompts(predict_prompts))}`` (int64, same device)."""
-        return {"prompt_index": seeds.to(torch.long) % self._num_prompts}
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        seeds = _PromptSeeds(self.predict_num_samples, self.predict_seed_offset, self.generation_conditions)
-        return self._loader(seeds, self.predict_batch_size)
-
-    @override
-    def draw_pool(self, size: int, rank: int, pool_index: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """The base class's OT pool without the caption strings (which cannot be stacked into tensors)."""
-        with self.dataset("train").tensors_only():  # type: ignore[attr-defined]
-            return super().draw_pool(size, rank, pool_index, device)
+    def generation_conditions(self, seeds: Tensor) -> dict[str, Any]:
+        """(B,) int64 seeds -> the prompt of each: ``{"prompt_index": (B,) int64 = seed % P, "caption_en": [B],
+        "caption_zh": [B]}`` into ``prompts(predict_prompts)`` (P prompts)."""
+        index = seeds.to(torch.long) % self._num_prompts
+        prompts = self.prompts(self.predict_prompts)
+        return {
+            "prompt_index": index,
+            "caption_en": [prompts[i]["caption_en"] for i in index.tolist()],
+            "caption_zh": [prompts[i]["caption_zh"] for i in index.tolist()],
+        }

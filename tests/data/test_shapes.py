@@ -157,18 +157,23 @@ def test_generation_conditions_index_the_prompt_list(dm: ShapesCaptionsDataModul
     assert len(prompts) == 200 and [p["complexity"] for p in prompts] == [0] * 100 + [1] * 100
     assert set(prompts[0]) == {"caption_en", "caption_zh", "label", "complexity"}
     cond = dm.generation_conditions(torch.tensor([0, 5, 199, 200, 401]))
-    assert set(cond) == {"prompt_index"} and cond["prompt_index"].tolist() == [0, 5, 199, 0, 1]
+    assert set(cond) == {"prompt_index", "caption_en", "caption_zh"}
+    assert cond["prompt_index"].tolist() == [0, 5, 199, 0, 1]
+    assert cond["caption_en"] == [prompts[i]["caption_en"] for i in (0, 5, 199, 0, 1)]
+    assert cond["caption_zh"][2] == prompts[199]["caption_zh"]
     batch = next(iter(dm.predict_dataloader()))
     assert torch.equal(batch["prompt_index"], batch["seed"] % 200)
+    assert batch["caption_en"] == [prompts[i]["caption_en"] for i in batch["prompt_index"].tolist()]
     val = ShapesCaptionsDataModule(resolution=16, num_val=30, predict_prompts="val")
     assert val.generation_conditions(torch.tensor([31]))["prompt_index"].tolist() == [1]
     assert val.prompts("val")[1]["label"] == val.dataset("val").label(1)
 
 
-def test_ot_pool_stacks_tensor_entries(dm: ShapesCaptionsDataModule) -> None:
+def test_ot_pool_stacks_tensor_entries_and_keeps_captions(dm: ShapesCaptionsDataModule) -> None:
     pool = dm.draw_pool(16, rank=0, pool_index=0)
     assert pool["x"].shape == (16, 3, 16, 16) and pool["objects"].shape == (16, 3, 3)
-    assert "caption_en" not in pool and "caption_en" in dm.dataset("train")[0]
+    train = dm.dataset("train")
+    assert pool["caption_en"] == [train[int(i)]["caption_en"] for i in pool["index"]]  # the pool's own prompts
 
 
 def test_committed_benchmark_equals_the_generator_and_parses(tmp_path: Path) -> None:

@@ -38,11 +38,10 @@ Splits: ``train``, ``val`` (same distribution, independent scenes) and ``heldout
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,7 +185,6 @@ class ShapesCaptionsDataset(Dataset):
 
     def __init__(self, scenes: SceneArrays, resolution: int, supersample: int = 4) -> None:
         self.scenes, self.resolution, self.supersample = scenes, resolution, supersample
-        self.with_captions = True
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -195,15 +193,6 @@ class ShapesCaptionsDataset(Dataset):
         """The pure-Python label of item ``index``."""
         s = self.scenes
         return scene_label(s.objects[index], int(s.num_objects[index]), int(s.relation[index]))
-
-    @contextlib.contextmanager
-    def tensors_only(self) -> Iterator[None]:
-        """Leave the caption strings out of the items inside the block (for code that stacks every entry)."""
-        previous, self.with_captions = self.with_captions, False
-        try:
-            yield
-        finally:
-            self.with_captions = previous
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         idx = np.asarray(indices, dtype=np.int64)
@@ -224,10 +213,9 @@ class ShapesCaptionsDataset(Dataset):
         for j, i in enumerate(idx.tolist()):
             item: dict[str, Any] = {"x": x[j], "index": torch.tensor(i, dtype=torch.long)}
             item.update({k: v[j] for k, v in tensors.items()})
-            if self.with_captions:
-                label = scene_label(s.objects[j], int(s.num_objects[j]), int(s.relation[j]))
-                item["caption_en"] = caption_from_label(label, "en")
-                item["caption_zh"] = caption_from_label(label, "zh")
+            label = scene_label(s.objects[j], int(s.num_objects[j]), int(s.relation[j]))
+            item["caption_en"] = caption_from_label(label, "en")
+            item["caption_zh"] = caption_from_label(label, "zh")
             items.append(item)
         return items
 

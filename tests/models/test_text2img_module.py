@@ -79,3 +79,40 @@ def test_prompts_steer_generation_and_cfg_limits() -> None:
     torch.testing.assert_close(w0, null, rtol=1e-4, atol=1e-4)
     w3 = model.generate(seeds, cond, spec, GuidanceSpec(scale=3.0)).x
     assert (w3 - a).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("pool_size", [None, 32])
+def test_ot_coupling_callback_works_unchanged_on_captioned_batches(tmp_path, pool_size: int | None) -> None:
+    from conftest import quiet_trainer
+
+    from lightning_dpmot.callbacks import OTCouplingCallback
+    from lightning_dpmot.data import ShapesCaptionsDataModule
+
+    class Seen(OTCouplingCallback):
+        """Records what reached the module: the coupled noise and the prompts beside their images."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            self.batch = {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) for k, v in batch.items()}
+
+    model = TextToImageModule(
+        partial(
+            DDPMppUNet,
+            model_channels=8,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[],
+            dropout=0.0,
+            cross_attn_resolutions=[8],
+        ),
+        text_encoder=TextEncoder.tiny_random(dim=16),
+        data_shape=(3, 16, 16),
+    )
+    dm = ShapesCaptionsDataModule(resolution=16, num_train=64, num_val=8, num_heldout=8, batch_size=16)
+    seen = Seen(pool_size=pool_size)
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[seen]).fit(model, dm)
+    batch = seen.batch
+    assert batch["noise"].shape == batch["x"].shape and len(batch["caption_en"]) == 16
+    train = dm.dataset("train")
+    assert batch["caption_en"] == [train[int(i)]["caption_en"] for i in batch["index"]]  # prompts follow their images
+    assert model.global_step == 2

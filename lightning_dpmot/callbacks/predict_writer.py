@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ class SampleWriter(BasePredictionWriter):
     ``x`` (N, *S) float32 in [-1, 1], ``images`` (N, H, W, C) uint8 (images only), ``seeds`` and ``labels`` (N,)
     int64, ``nfe``, and any further tensors the model's ``predict_step`` returns (per sample when they have one
     row per sample, e.g. DPM-OT's ``target_index``/``target_id``; else one value per batch). 2-D data gets
-    ``scatter.png`` instead of per-sample PNGs.
+    ``scatter.png`` instead of per-sample PNGs. String entries with one string per sample (prompts, e.g.
+    ``caption_en``/``caption_zh`` of a text-to-image model) go to ``prompts.csv``: seed, PNG name and the prompts.
 
     Non-finite samples (NaN/inf anywhere in a sample) are never written: they get no PNG, and when any rank produced
     one, no ``samples.npz`` is written and :class:`~lightning_dpmot.errors.NonFiniteError` names how many samples
@@ -45,6 +47,7 @@ class SampleWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.save_png = save_png
         self._parts: list[dict[str, torch.Tensor]] = []
+        self._texts: dict[str, list[str]] = {}
         self._nonfinite_seeds: list[int] = []
         self._count = 0
 
@@ -61,6 +64,7 @@ class SampleWriter(BasePredictionWriter):
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._parts = []
+        self._texts = {}
         self._nonfinite_seeds = []
         self._count = 0
 
@@ -90,6 +94,10 @@ class SampleWriter(BasePredictionWriter):
             if key not in ("x", "seed", "label", "nfe") and isinstance(value, Tensor):
                 value = value.detach().cpu()
                 part[key] = value if value.ndim and len(value) == len(seeds) else value.reshape(1)
+            elif (
+                isinstance(value, (list, tuple)) and len(value) == len(seeds) and all(isinstance(v, str) for v in value)
+            ):
+                self._texts.setdefault(key, []).extend(value)  # prompts: one string per sample
         self._parts.append(part)
 
     @override
@@ -105,20 +113,26 @@ class SampleWriter(BasePredictionWriter):
                 f"{self.output_dir}; the checkpoint's weights or the sampler settings diverge"
             )
         part_file = self.output_dir / f".part-rank{trainer.global_rank}.pt"
-        torch.save({k: torch.cat([p[k] for p in self._parts]) for k in self._parts[0]}, part_file)
+        tensors = {k: torch.cat([p[k] for p in self._parts]) for k in self._parts[0]}
+        torch.save({"tensors": tensors, "texts": self._texts}, part_file)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self.merge(trainer.world_size)
         trainer.strategy.barrier()
 
     def merge(self, world_size: int) -> Path:
-        parts = []
+        parts, texts = [], []
         for rank in range(world_size):
             part_file = self.output_dir / f".part-rank{rank}.pt"
-            parts.append(torch.load(part_file, weights_only=True))
+            saved = torch.load(part_file, weights_only=True)
+            parts.append(saved["tensors"])
+            texts.append(saved["texts"])
             part_file.unlink()
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         seeds, first = np.unique(merged["seeds"].numpy(), return_index=True)  # sorted, DDP duplicates dropped
+        if texts and texts[0]:
+            all_texts = {key: [t for part in texts for t in part[key]] for key in texts[0]}
+            self.write_prompts_csv(seeds, {key: [value[i] for i in first] for key, value in all_texts.items()})
         x = merged["x"][torch.from_numpy(first)]
         arrays: dict[str, np.ndarray] = {
             "x": x.float().numpy(),
@@ -136,4 +150,15 @@ class SampleWriter(BasePredictionWriter):
             save_scatter(x[:, :2], self.output_dir / "scatter.png", title=f"{len(seeds)} samples")
         path = self.output_dir / "samples.npz"
         np.savez(path, **arrays)
+        return path
+
+    def write_prompts_csv(self, seeds: np.ndarray, texts: dict[str, list[str]]) -> Path:
+        """``prompts.csv``: one row per sample (sorted by seed) with its PNG and its prompt entries."""
+        path = self.output_dir / "prompts.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["seed", "png", *texts])
+            for i, seed in enumerate(seeds.tolist()):
+                png = f"{seed:06d}.png" if self.save_png else ""
+                writer.writerow([seed, png, *(texts[key][i] for key in texts)])
         return path

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_dpmot.data.base import DiffusionDataModule
+from lightning_dpmot.data.prompts import read_prompt_files
 from lightning_dpmot.data.shapes_render import (
     COLOURS,
     MAX_OBJECTS,
@@ -304,6 +305,9 @@ def read_benchmark(root: str | Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+PROMPT_LISTS = ("benchmark", "train", "val", "heldout")
+
+
 class ShapesCaptionsDataModule(DiffusionDataModule):
     """Coloured shapes with aligned English/Chinese captions and structured labels, rendered on the fly.
 
@@ -323,7 +327,9 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
         complex_fraction: share of complex (2-3 object) scenes.
         data_seed: seed of the scenes (the split of (shape, colour) pairs is fixed).
         predict_prompts: the prompt list of generation: ``"benchmark"`` (the embedded benchmark's 100 simple +
-            100 complex held-out prompts), or ``"train"``/``"val"``/``"heldout"`` (the split's scenes).
+            100 complex held-out prompts), ``"train"``/``"val"``/``"heldout"`` (the split's scenes), or the path of
+            a prompt file (one English prompt per line, for the LM).
+        predict_prompts_zh: with a prompt file, an optional line-aligned file of the same prompts in Chinese.
         supersample: anti-aliasing sub-samples per pixel side (1 = aliased).
         **kwargs: loader arguments of :class:`~lightning_dpmot.data.base.DiffusionDataModule`; ``x_flip`` is refused
             (a mirrored image contradicts "to the left of").
@@ -337,7 +343,8 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
         num_heldout: int = 2_000,
         complex_fraction: float = 0.5,
         data_seed: int = 0,
-        predict_prompts: Literal["benchmark", "train", "val", "heldout"] = "benchmark",
+        predict_prompts: str = "benchmark",
+        predict_prompts_zh: str | None = None,
         supersample: int = 4,
         **kwargs: Any,
     ) -> None:
@@ -351,13 +358,19 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
                 raise ValueError(f"{key} must be >= 1, got {n}")
         if not 0.0 <= complex_fraction <= 1.0:
             raise ValueError(f"complex_fraction must be in [0, 1], got {complex_fraction}")
-        if predict_prompts not in ("benchmark", "train", "val", "heldout"):
-            raise ValueError(f"predict_prompts must be benchmark, train, val or heldout, got {predict_prompts!r}")
+        if predict_prompts in PROMPT_LISTS and predict_prompts_zh is not None:
+            raise ValueError("predict_prompts_zh goes with a prompt file in predict_prompts, not a built-in list")
+        if predict_prompts not in PROMPT_LISTS:
+            read_prompt_files(predict_prompts, predict_prompts_zh)  # fail now: missing, empty or misaligned files
         if supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample}")
         self.resolution, self.complex_fraction, self.data_seed = resolution, complex_fraction, data_seed
         self.sizes = {"train": num_train, "val": num_val, "heldout": num_heldout}
-        self.predict_prompts, self.supersample = predict_prompts, supersample
+        self.predict_prompts, self.predict_prompts_zh, self.supersample = (
+            predict_prompts,
+            predict_prompts_zh,
+            supersample,
+        )
         self.data_shape = (3, resolution, resolution)
         self.num_classes = 0
 
@@ -386,9 +399,13 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
     def build_dataset(self, split: ShapesSplit) -> ShapesCaptionsDataset:  # type: ignore[override]
         return ShapesCaptionsDataset(self.scenes(split), self.resolution, self.supersample)
 
-    def prompts(self, split: Literal["benchmark", "train", "val", "heldout"] = "benchmark") -> list[dict[str, Any]]:
-        """A fixed prompt list: ``"benchmark"`` = the 100 simple then 100 complex benchmark prompts, else every
-        scene of that split; each ``{"caption_en", "caption_zh", "label", "complexity"}``."""
+    def prompts(self, split: str = "benchmark") -> list[dict[str, Any]]:
+        """A fixed prompt list: ``"benchmark"`` = the 100 simple then 100 complex benchmark prompts, a split name =
+        every scene of that split (each ``{"caption_en", "caption_zh", "label", "complexity"}``), or a prompt file
+        (``{"caption_en"[, "caption_zh"]}`` per line, the aligned file ``predict_prompts_zh`` when it is the one of
+        ``predict_prompts``)."""
+        if split not in PROMPT_LISTS:
+            return read_prompt_files(split, self.predict_prompts_zh if split == self.predict_prompts else None)
         if split == "benchmark":
             bench = benchmark_prompts()
             return bench["simple_scene"] + bench["complex_scene"]
@@ -404,8 +421,5 @@ class ShapesCaptionsDataModule(DiffusionDataModule):
         "caption_zh": [B]}`` into ``prompts(predict_prompts)`` (P prompts)."""
         index = seeds.to(torch.long) % self._num_prompts
         prompts = self.prompts(self.predict_prompts)
-        return {
-            "prompt_index": index,
-            "caption_en": [prompts[i]["caption_en"] for i in index.tolist()],
-            "caption_zh": [prompts[i]["caption_zh"] for i in index.tolist()],
-        }
+        keys = [k for k in ("caption_en", "caption_zh") if k in prompts[0]]
+        return {"prompt_index": index, **{k: [prompts[i][k] for i in index.tolist()] for k in keys}}

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_dpmot.models.generation import GenerativeModule
 from lightning_dpmot.sampling.spec import SamplerSpec
-from lightning_dpmot.utils.images import make_grid, save_png, save_scatter
+from lightning_dpmot.utils.images import make_grid, save_captioned_grid, save_png, save_scatter
 
 
 class SampleGrid(L.Callback):
@@ -71,7 +71,8 @@ class SampleGrid(L.Callback):
         self, trainer: L.Trainer, pl_module: GenerativeModule, out_dir: Path, name: str | None = None
     ) -> Path | None:
         seeds = torch.arange(self.seed_offset, self.seed_offset + self.num_samples)
-        result = pl_module.generate(seeds, pl_module.generation_conditions(seeds), self.sampler)
+        conditions = pl_module.generation_conditions(seeds)
+        result = pl_module.generate(seeds, conditions, self.sampler)
         path = out_dir / (name or f"step={trainer.global_step:08d}.png")
         bad = int((~torch.isfinite(result.x.flatten(1)).all(1)).sum())
         if bad:  # never draw NaN as black pixels; NonFiniteGuard decides whether training goes on
@@ -80,7 +81,13 @@ class SampleGrid(L.Callback):
                 f"{path.name} not written"
             )
             return None
-        if result.x.ndim == 4:
+        prompts = next((v for v in conditions.values() if _is_prompt_list(v, len(seeds))), None)
+        if result.x.ndim == 4 and prompts is not None:  # text-to-image: each prompt under its image
+            title = f"step {trainer.global_step}, NFE {result.nfe}"
+            save_captioned_grid(result.x, list(prompts), path, title=title)
+            if name is None:
+                save_captioned_grid(result.x, list(prompts), out_dir / "latest.png", title=title)
+        elif result.x.ndim == 4:
             grid = make_grid(result.x)
             save_png(grid, path)
             if name is None:
@@ -95,3 +102,8 @@ class SampleGrid(L.Callback):
                     key=self.log_key, images=[str(path)], step=trainer.global_step, caption=[f"NFE {result.nfe}"]
                 )
         return path
+
+
+def _is_prompt_list(value: object, n: int) -> bool:
+    """A list of n strings: the prompts of the samples (the first such generation condition is drawn)."""
+    return isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, str) for v in value)

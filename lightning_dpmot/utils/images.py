@@ -82,3 +82,37 @@ def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = No
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_captioned_grid(x: Tensor, captions: list[str], path: str | Path, ncol: int = 8, title: str = "") -> Path:
+    """Images x (B, C, H, W) in [-1, 1] in a grid with each image's prompt written under it, as PNG.
+
+    Tiles are shown at a readable size (nearest-neighbour upscaling, 1.6 inches each) with the caption wrapped to
+    the tile's width.
+    """
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(captions) != len(x):
+        raise ValueError(f"save_captioned_grid: {len(x)} images but {len(captions)} captions")
+    images = rearrange(to_uint8(x).cpu(), "b c h w -> b h w c").numpy()
+    ncol = min(ncol, len(images))
+    nrow = math.ceil(len(images) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 * ncol, 2.2 * nrow), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, text in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", interpolation="nearest", vmin=0, vmax=255)
+        caption = "\n".join(textwrap.wrap(text, 24)[:4])
+        ax.text(0.5, -0.04, caption, transform=ax.transAxes, ha="center", va="top", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

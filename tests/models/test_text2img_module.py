@@ -116,3 +116,32 @@ def test_ot_coupling_callback_works_unchanged_on_captioned_batches(tmp_path, poo
     train = dm.dataset("train")
     assert batch["caption_en"] == [train[int(i)]["caption_en"] for i in batch["index"]]  # prompts follow their images
     assert model.global_step == 2
+
+
+def test_sample_grid_writes_each_prompt_under_its_image(tmp_path) -> None:
+    from conftest import quiet_trainer
+    from PIL import Image
+
+    from lightning_dpmot.callbacks import SampleGrid
+    from lightning_dpmot.data import ShapesCaptionsDataModule
+
+    model = TextToImageModule(
+        partial(
+            DDPMppUNet,
+            model_channels=8,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[],
+            dropout=0.0,
+            cross_attn_resolutions=[8],
+        ),
+        text_encoder=TextEncoder.tiny_random(dim=16),
+        data_shape=(3, 16, 16),
+        sampler=SamplerSpec("euler", num_steps=2),
+    )
+    dm = ShapesCaptionsDataModule(resolution=16, num_train=64, num_val=8, num_heldout=8, batch_size=16)
+    grid = SampleGrid(num_samples=6)
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[grid]).fit(model, dm)
+    image = Image.open(grid.last_path)
+    assert grid.last_path.name == "final.png" and image.width > 6 * 100  # readable tiles, not 16 px thumbnails
+    assert image.height > image.width / 6  # room for the captions under the tiles

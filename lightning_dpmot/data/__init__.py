@@ -7,6 +7,7 @@ from lightning_dpmot.data.base import (
     generation_conditions,
     split_indices,
 )
+from lightning_dpmot.data.captioned import CaptionedImagesDataModule
 from lightning_dpmot.data.cifar10 import CIFAR10DataModule
 from lightning_dpmot.data.digits import DigitsDataModule
 from lightning_dpmot.data.image_folder import ImageFolderDataModule
@@ -16,6 +17,7 @@ from lightning_dpmot.data.toy2d import Toy2DDataModule
 
 __all__ = [
     "CIFAR10DataModule",
+    "CaptionedImagesDataModule",
     "DiffusionDataModule",
     "DigitsDataModule",
     "EpochSeededRandomSampler",

@@ -136,7 +136,7 @@ def index_shard(path: str | Path, verify: bool = False, cache_dir: str | Path | 
     Args:
         path: an uncompressed ``.tar`` shard.
         verify: decode every image (and cache the verdicts).
-        cache_dir: where index files go (default :func:`default_index_dir`); ``False``-y string ``""`` is not allowed.
+        cache_dir: where index files go (default :func:`default_index_dir`).
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_index_equals_the_members_and_is_cached(tmp_path: Path, cache: Path) -> 
 def test_random_access_returns_the_right_image_and_caption(tmp_path: Path, cache: Path) -> None:
     ds = WebDatasetIndex(shards(tmp_path), resolution=8)
     assert len(ds) == 8
+    ds = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive
     for i in [7, 0, 5, 2]:
         item = ds[i]
         assert item["x"].shape == (3, 8, 8) and item["x"].dtype == torch.float32
@@ -150,6 +152,8 @@ def test_folder_with_captions_jsonl(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"captions\.jsonl:6: no caption"):
         CaptionedImagesDataModule("folder", str(bad), val_fraction=0.25, resolution=8).dataset("train")
     dm = CaptionedImagesDataModule("folder", str(bad), val_fraction=0.25, resolution=8, on_bad_item="skip")
+    with pytest.warns(UserWarning, match=r"left out 2 bad item\(s\)"):
+        dm.dataset("train")
     assert len(dm.dataset("train")) + len(dm.dataset("val")) == 4 and len(dm.skipped["train"]) == 2
 
 

@@ -56,7 +56,47 @@ def dpm_ot_checkpoints(root: Path) -> list[str]:
     ]
 
 
-INPUTS = {"dpm_ot/digits_sample.yaml": dpm_ot_checkpoints}
+def webdataset_and_t5(root: Path) -> list[str]:
+    """Overrides pointing text2img/webdataset_t5.yaml at two tiny shards and a tiny local T5 directory (CPU)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from lightning_dpmot.nets.text_encoder import TextEncoder
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(2):
+        with tarfile.open(root / f"shard-{s}.tar", "w") as tar:
+            for i in range(8):
+                buf = io.BytesIO()
+                Image.new("RGB", (20, 16), (30 * i, 200 - 20 * i, 90)).save(buf, "PNG")
+                for name, data in ((f"{s}{i:04d}.png", buf.getvalue()), (f"{s}{i:04d}.txt", f"caption {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    tiny = TextEncoder.tiny_random(dim=16)
+    tiny.hf_model.save_pretrained(root / "t5")
+    tiny.tokenizer.save_pretrained(root / "t5")
+    return [
+        f"--data.init_args.train={root / 'shard-*.tar'}",
+        "--data.init_args.resolution=16",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        f"--data.init_args.index_cache_dir={root / 'index'}",
+        "--data.init_args.val_fraction=0.25",
+        f"--model.init_args.text_encoder.init_args.pretrained={root / 't5'}",
+        "--model.init_args.text_encoder.init_args.dtype=float32",
+        "--model.init_args.text_encoder.init_args.cache=false",
+        "--model.init_args.net.init_args.model_channels=8",
+        "--model.init_args.net.init_args.num_blocks=1",
+        "--model.init_args.net.init_args.channel_mult=[1,1]",
+        "--model.init_args.net.init_args.attn_resolutions=[8]",
+        "--model.init_args.net.init_args.cross_attn_resolutions=[8]",
+    ]
+
+
+INPUTS = {"dpm_ot/digits_sample.yaml": dpm_ot_checkpoints, "text2img/webdataset_t5.yaml": webdataset_and_t5}
 
 
 def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_dpmot.models.generation import PREDICT_STREAM
 from lightning_dpmot.models.dpm_ot import _OT_NOISE, _RENOISE, DPMOTModule
+from lightning_dpmot.models.generation import PREDICT_STREAM
 from lightning_dpmot.sampling.spec import SamplerSpec
 from lightning_dpmot.utils.random import StackedGenerator, make_generator, mix_seed
 

@@ -104,7 +104,9 @@ def plots(rows: list[dict[str, Any]], out: Path) -> None:
                 (r["nfe"], r["fid"]) for r in ot if r["targets"] == "train" and r["map"] == ot_map and r["t_s"] == t_s
             )
             if pts:
-                ax.plot(*zip(*pts), style + "-", ms=4, alpha=1.0 if t_s == 100 else 0.5, label=f"DPM-OT {ot_map}, t_s={t_s}")
+                ax.plot(
+                    *zip(*pts), style + "-", ms=4, alpha=1.0 if t_s == 100 else 0.5, label=f"DPM-OT {ot_map}, t_s={t_s}"
+                )
     ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations; the OT map is not counted)")
     ax.set_title("FID vs NFE (train targets)", fontsize=9)

@@ -2,8 +2,9 @@
 
 Trains ``configs/quickstart.yaml`` (``num_threads: 1``) to step 440 — the first FID evaluation (validation every 20
 epochs of 11 steps, FID every 2nd validation) — reads ``fid_curve.csv`` back and compares every value with the
-constants below, bit for bit. Exit status 0: identical; 1: a value differs (all measured values are printed with
-every digit, so the constants can be updated when a change of the numerics is intended); 2: the run failed.
+constants below, bit for bit (with empty caches). Exit status 0: identical; 1: a value differs (all measured values
+are printed with every digit, so the constants can be updated when a change of the numerics is intended); 2: the run
+failed.
 
     OMP_NUM_THREADS=1 python experiments/quickstart/check_reproducible.py            # about 2-3 minutes on 2 cores
     python experiments/quickstart/check_reproducible.py --root /tmp/repro --keep
@@ -46,7 +47,10 @@ def train(root: Path) -> Path:
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    # An empty HOME: the FID callback's feature classifier and reference statistics are retrained in the run instead
+    # of coming from ~/.cache/lightning_dpmot, where an older run (another thread count) may have left other ones.
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HOME": str(root / "home")}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])

@@ -81,6 +81,28 @@ def tiny_edm(data_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, **k
     return EDMModule(data_shape=data_shape, num_classes=num_classes, **kwargs)
 
 
+def tiny_text2img(data_shape: tuple[int, ...] = (3, 16, 16), **kwargs: object):
+    """A TextToImageModule with a tiny cross-attention U-Net and a tiny random T5 encoder (C = 16), for CPU tests."""
+    from functools import partial
+
+    from lightning_dpmot.models import TextToImageModule
+    from lightning_dpmot.nets import DDPMppUNet
+    from lightning_dpmot.nets.text_encoder import TextEncoder
+
+    cross = [data_shape[-1] // 2]
+    net = partial(
+        DDPMppUNet,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+        cross_attn_resolutions=cross,
+    )
+    kwargs.setdefault("text_encoder", TextEncoder.tiny_random(dim=16))
+    return TextToImageModule(net, data_shape=data_shape, **kwargs)
+
+
 def tiny_edm_checkpoint(root: Path, class_conditional: bool = False) -> Path:
     """A tiny EDM on digits trained 2 steps through ``dpmot fit`` (so its hparams carry the class_path);
     returns ``root/last.ckpt``."""

@@ -78,14 +78,9 @@ def test_prompt_file_drives_generation_conditions(tmp_path: Path) -> None:
 
 def test_predict_writes_a_per_prompt_csv(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from functools import partial
-
-    from conftest import quiet_trainer
+    from conftest import quiet_trainer, tiny_text2img
 
     from lightning_dpmot.callbacks import SampleWriter
-    from lightning_dpmot.models import TextToImageModule
-    from lightning_dpmot.nets import DDPMppUNet
-    from lightning_dpmot.nets.text_encoder import TextEncoder
     from lightning_dpmot.sampling import SamplerSpec
 
     en = write(tmp_path / "en.txt", "a red circle\na blue square\n")
@@ -93,21 +88,7 @@ def test_predict_writes_a_per_prompt_csv(tmp_path: Path) -> None:
     dm = ShapesCaptionsDataModule(
         resolution=16, predict_prompts=str(en), predict_prompts_zh=str(zh), predict_num_samples=4, predict_batch_size=3
     )
-    net = partial(
-        DDPMppUNet,
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[],
-        dropout=0.0,
-        cross_attn_resolutions=[8],
-    )
-    model = TextToImageModule(
-        net,
-        text_encoder=TextEncoder.tiny_random(dim=16),
-        data_shape=(3, 16, 16),
-        sampler=SamplerSpec("euler", num_steps=2),
-    )
+    model = tiny_text2img(sampler=SamplerSpec("euler", num_steps=2))
     out = tmp_path / "pred"
     quiet_trainer(tmp_path, callbacks=[SampleWriter(str(out))]).predict(model, dm, return_predictions=False)
     rows = list(csv.DictReader(open(out / "prompts.csv", encoding="utf-8")))

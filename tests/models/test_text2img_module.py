@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import copy
-from functools import partial
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from conftest import tiny_text2img  # noqa: E402
+
 from lightning_dpmot.diffusion.guidance import GuidanceSpec  # noqa: E402
 from lightning_dpmot.models import TextToImageModule  # noqa: E402
-from lightning_dpmot.nets import DDPMppUNet  # noqa: E402
-from lightning_dpmot.nets.text_encoder import TextEncoder  # noqa: E402
 from lightning_dpmot.sampling import SamplerSpec  # noqa: E402
 
 PROMPTS = ["a large red circle", "a small blue square to the left of a green cross", "a yellow triangle", ""]
 
 
 def tiny_module(**kwargs: object) -> TextToImageModule:
-    net = partial(
-        DDPMppUNet,
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[],
-        dropout=0.0,
-        cross_attn_resolutions=[4],
-    )
     torch.manual_seed(0)
-    model = TextToImageModule(net, text_encoder=TextEncoder.tiny_random(dim=16), data_shape=(3, 8, 8), **kwargs)
+    model = tiny_text2img((3, 8, 8), **kwargs)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move the zero-initialised output layers so that prompts visibly matter
         for p in model.parameters():
@@ -95,19 +85,7 @@ def test_ot_coupling_callback_works_unchanged_on_captioned_batches(tmp_path, poo
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             self.batch = {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) for k, v in batch.items()}
 
-    model = TextToImageModule(
-        partial(
-            DDPMppUNet,
-            model_channels=8,
-            channel_mult=[1, 2],
-            num_blocks=1,
-            attn_resolutions=[],
-            dropout=0.0,
-            cross_attn_resolutions=[8],
-        ),
-        text_encoder=TextEncoder.tiny_random(dim=16),
-        data_shape=(3, 16, 16),
-    )
+    model = tiny_text2img()
     dm = ShapesCaptionsDataModule(resolution=16, num_train=64, num_val=8, num_heldout=8, batch_size=16)
     seen = Seen(pool_size=pool_size)
     quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[seen]).fit(model, dm)
@@ -125,18 +103,7 @@ def test_sample_grid_writes_each_prompt_under_its_image(tmp_path) -> None:
     from lightning_dpmot.callbacks import SampleGrid
     from lightning_dpmot.data import ShapesCaptionsDataModule
 
-    model = TextToImageModule(
-        partial(
-            DDPMppUNet,
-            model_channels=8,
-            channel_mult=[1, 2],
-            num_blocks=1,
-            attn_resolutions=[],
-            dropout=0.0,
-            cross_attn_resolutions=[8],
-        ),
-        text_encoder=TextEncoder.tiny_random(dim=16),
-        data_shape=(3, 16, 16),
+    model = tiny_text2img(
         sampler=SamplerSpec("euler", num_steps=2),
     )
     dm = ShapesCaptionsDataModule(resolution=16, num_train=64, num_val=8, num_heldout=8, batch_size=16)

@@ -127,3 +127,24 @@ def test_sample_writer_refuses_nonfinite_samples(tmp_path: Path) -> None:
     assert not (out / "samples.npz").exists()
     assert not (out / "000002.png").exists() and not (out / "000007.png").exists()
     assert (out / "000003.png").exists()
+
+
+def test_zero_sigma_data_is_refused_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--model.init_args.sigma_data 0` used to train with an infinite loss and exit 0."""
+    config = tiny_config(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--model.init_args.sigma_data=0"])
+    lines = error_lines(capsys.readouterr().err)
+    assert exc.value.code == 2 and len(lines) == 1 and "sigma_data must be a finite positive number" in lines[0]
+    assert not (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_toy2d_at_scale_1e30_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Toy2D data of scale 1e30 used to train to completion on inf/NaN losses with exit 0."""
+    repo = Path(__file__).resolve().parents[2]
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(repo / "configs/edm/toy2d.yaml"), "--data.init_args.scale=1e30",
+              "--trainer.max_steps=20", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}", "--data.init_args.batch_size=64"])  # fmt: skip
+    lines = error_lines(capsys.readouterr().err)
+    assert exc.value.code == 3 and len(lines) == 1 and "NonFiniteError" in lines[0], lines

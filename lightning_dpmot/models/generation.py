@@ -65,8 +65,9 @@ class GenerativeModule(L.LightningModule):
         self.guidance = guidance or GuidanceSpec()
 
     # ---------------------------------------------------------------------------------------------- protocol
-    def generation_conditions(self, seeds: Tensor) -> Cond:
-        """The condition mapping for ``seeds`` (B,): the DataModule's rule when a trainer with one is attached."""
+    def generation_conditions(self, seeds: Tensor) -> dict[str, Any]:
+        """What to generate for ``seeds`` (B,): the DataModule's rule when a trainer with one is attached (class labels
+        ``{"label": (B,)}``, prompts ``{"caption_en": [B strings], ...}``), else the class-label rule."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "generation_conditions"):
@@ -135,7 +136,7 @@ class GenerativeModule(L.LightningModule):
         batch_size: int = 256,
         spec: SamplerSpec | None = None,
         guidance: GuidanceSpec | None = None,
-    ) -> Iterator[tuple[Tensor, Cond, SampleResult]]:
+    ) -> Iterator[tuple[Tensor, dict[str, Any], SampleResult]]:
         """:meth:`generate` over many seeds in batches, conditions from :meth:`generation_conditions`.
 
         Yields ``(seeds (b,), cond, result)`` per batch.

@@ -296,7 +296,7 @@ class DiffusionModule(GenerativeModule):
     ) -> SampleResult:
         """Run the reverse process from ``x`` (B, *S) at level ``sigmas[0]`` down to 0 (guided denoiser)."""
         null = self.conditioner.null if self.conditioner.conditional else None
-        denoiser = (guidance or self.guidance).wrap(self.denoiser, null)
+        denoiser = (guidance or self.guidance).wrap(self.denoiser, null, sigmas)
         return run_sampler(spec or self.sampler, denoiser, x, sigmas, cond=cond, generator=generator, callback=callback)
 
     def sample(

@@ -76,7 +76,8 @@ class GenerativeModule(L.LightningModule):
 
     @contextlib.contextmanager
     def sampling_mode(self, grad: bool = False) -> Iterator[None]:
-        """EMA weights in, eval mode, gradients off (``grad=False``) or on outside inference mode; restored after."""
+        """EMA weights in, eval mode, gradients off (``grad=False``) or on outside inference mode with the weights'
+        ``requires_grad`` off (gradients w.r.t. samples only); everything restored after."""
         was_training = self.training
         with contextlib.ExitStack() as stack:
             trainer = self._trainer
@@ -84,9 +85,12 @@ class GenerativeModule(L.LightningModule):
                 averaged = getattr(callback, "averaged_weights", None)
                 if averaged is not None:
                     stack.enter_context(averaged(self))
+            trainable = [p for p in self.parameters() if p.requires_grad]
             if grad:
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.enable_grad())
+                for p in trainable:  # guidance differentiates w.r.t. the sample only: keep no weight-grad graph
+                    p.requires_grad_(False)
             else:
                 stack.enter_context(torch.no_grad())
             self.eval()  # no dropout while sampling, whoever calls
@@ -94,6 +98,8 @@ class GenerativeModule(L.LightningModule):
                 yield
             finally:
                 self.train(was_training)
+                for p in trainable:
+                    p.requires_grad_(True)
 
     def generate(
         self,
@@ -115,9 +121,15 @@ class GenerativeModule(L.LightningModule):
         """
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         guidance = guidance or self.guidance
-        cond = cond_to(self.conditioner.prepare(cond), self.device)
         with self.sampling_mode(grad=guidance.needs_grad):
-            return self.sample(seeds, cond, spec or self.sampler, guidance, callback)
+            # prepared inside sampling mode: under Lightning's inference mode, tensors made outside it could not
+            # take part in the guided pass's autograd graph
+            prepared = {**(self.conditioner.prepare(cond) or {}), **guidance.prepare(cond, seeds, self.device)}
+            if guidance.needs_grad:
+                prepared = {k: v.clone() for k, v in prepared.items()}
+            return self.sample(
+                seeds.clone(), cond_to(prepared or None, self.device), spec or self.sampler, guidance, callback
+            )
 
     @abstractmethod
     def sample(

@@ -53,6 +53,7 @@ from lightning_dpmot.data.shapes import (
 from lightning_dpmot.data.shapes_render import HELDOUT_PAIRS, render_scenes, sample_scenes
 from lightning_dpmot.diffusion.guidance import GuidanceSpec
 from lightning_dpmot.metrics.frechet import feature_statistics, frechet_distance
+from lightning_dpmot.metrics.shapes_captions import label_targets
 from lightning_dpmot.metrics.shapes_classifier import ShapesAttributeClassifier
 from lightning_dpmot.models.dpm_ot import load_diffusion_module
 from lightning_dpmot.sampling.spec import SamplerSpec
@@ -62,12 +63,7 @@ METRICS = ("exact", "count", "relation", "shape", "colour", "size")
 
 
 def targets_of(records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    arrays = [label_arrays(r["label"]) for r in records]
-    return {
-        "objects": torch.from_numpy(np.stack([a[0] for a in arrays])),
-        "num_objects": torch.tensor([a[1] for a in arrays], dtype=torch.long),
-        "relation": torch.tensor([a[2] for a in arrays], dtype=torch.long),
-    }
+    return label_targets([r["label"] for r in records])
 
 
 def first_scenes(seed: int, split: str, per_group: int, skip: int = 0, pool: int = 8000):

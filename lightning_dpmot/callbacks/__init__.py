@@ -1,4 +1,5 @@
-"""Lightning callbacks: checkpoints, EMA, OT noise-data coupling, sample grids, FID (training, per NFE), predictions."""
+"""Lightning callbacks: checkpoints, EMA, OT noise-data coupling, sample grids, FID (training, per NFE), predictions,
+prompt-set evaluation."""
 
 from lightning_dpmot.callbacks.checkpoint import LastCheckpoint
 from lightning_dpmot.callbacks.ema import EMAHalfLife, ema_beta
@@ -7,6 +8,7 @@ from lightning_dpmot.callbacks.nfe_sweep import NFESweep
 from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
 from lightning_dpmot.callbacks.ot_coupling import OTCouplingCallback
 from lightning_dpmot.callbacks.predict_writer import SampleWriter
+from lightning_dpmot.callbacks.prompt_eval import PromptSetEvaluation
 from lightning_dpmot.callbacks.samples import SampleGrid
 from lightning_dpmot.callbacks.signals import GracefulShutdown
 
@@ -18,6 +20,7 @@ __all__ = [
     "NFESweep",
     "NonFiniteGuard",
     "OTCouplingCallback",
+    "PromptSetEvaluation",
     "SampleGrid",
     "SampleWriter",
     "ema_beta",

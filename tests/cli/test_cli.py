@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import os
 import pickle
 import subprocess
@@ -24,6 +25,8 @@ FRAGMENTS = {
     "loggers/wandb.yaml": ("quickstart.yaml", "fit"),
     "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test"),
     "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
+    "eval/shapes_text2img.yaml": ("text2img/shapes.yaml", "test"),
+    "eval/unibench_gpu.yaml": ("text2img/webdataset_t5.yaml", "test"),
 }
 # configs run by another subcommand than fit, and what builds their inputs (checkpoints) in tmp_path
 SUBCOMMANDS = {"dpm_ot/digits_sample.yaml": "predict"}
@@ -96,7 +99,27 @@ def webdataset_and_t5(root: Path) -> list[str]:
     ]
 
 
-INPUTS = {"dpm_ot/digits_sample.yaml": dpm_ot_checkpoints, "text2img/webdataset_t5.yaml": webdataset_and_t5}
+def unibench_gpu_inputs(root: Path) -> list[str]:
+    """eval/unibench_gpu.yaml over text2img/webdataset_t5.yaml: the tiny shards and T5, and its callback with tiny
+    guides and scorers on a tiny UniBench-style folder (fast_dev_run evaluates 2 prompts per split, k = 1)."""
+    from prompt_eval_inputs import tiny_prompt_dir, unibench_gpu_callbacks
+
+    args = webdataset_and_t5(root)
+    return [*args, "--config", str(unibench_gpu_callbacks(root, tiny_prompt_dir(root / "prompts")))]
+
+
+def shapes_eval_inputs(root: Path) -> list[str]:
+    from prompt_eval_inputs import shapes_eval_overrides
+
+    return shapes_eval_overrides(root)
+
+
+INPUTS = {
+    "dpm_ot/digits_sample.yaml": dpm_ot_checkpoints,
+    "text2img/webdataset_t5.yaml": webdataset_and_t5,
+    "eval/unibench_gpu.yaml": unibench_gpu_inputs,
+    "eval/shapes_text2img.yaml": shapes_eval_inputs,
+}
 
 
 def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
@@ -154,6 +177,13 @@ def test_fast_dev_run(name: str, tmp_path: Path, fake_cifar10: Path, monkeypatch
         assert len(written) == 1 and len(np.load(written[0])["x"]) > 0
     else:
         assert cli.trainer.callback_metrics["test/loss"].isfinite()
+    if name.startswith("eval/") and name.endswith(("text2img.yaml", "unibench_gpu.yaml")):  # PromptSetEvaluation
+        with open(next(tmp_path.rglob("results.csv")), encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["split"], r["language"], r["n_images"]) for r in rows] == [
+            (s, lang, "2") for s in ("simple_scene", "complex_scene") for lang in ("English", "Chinese")
+        ]
+        assert all(float(r["clip_score"]) >= 0 for r in rows)
 
 
 def test_cli_module_copies_without_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,16 @@
 :func:`evaluate_prompt_set` uses only the generation protocol (``generate``, ``sampler``, ``guidance``,
 ``conditioner.text_key``) and is wrapped by the callback
 :class:`~lightning_dpmot.callbacks.prompt_eval.PromptSetEvaluation` (``dpmot test``); experiment scripts call it
-directly, e.g. once per guidance setting.
+directly, e.g. once per guidance setting::
+
+    module = load_diffusion_module("runs/.../last.ckpt").to("cuda")       # lightning_dpmot.models.dpm_ot
+    prompt_set = read_prompt_set("../shared/unibench")                      # read once
+    scorer = ClipScorer(load_matching_model("/models/clip-vit-large-patch14").cuda(), name="clip-L/14")
+    rows = []
+    for name, spec in settings.items():                                     # {name: GuidanceSpec}
+        check_scorer_not_guide("/models/clip-vit-large-patch14", spec)      # sources compared as paths
+        rows += evaluate_prompt_set(module, prompt_set, guidance=spec, scorer=scorer, k=4,
+                                    out_dir=f"out/{name}", extra={"setting": name})
 
 **Seeds.** Sample j of prompt i of a split has seed ``seed_offset + j * SEED_STRIDE + i``
 (:func:`sample_seeds`): independent of ``k``, of ``max_prompts`` and of the language, so the same prompt gets the
@@ -43,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_dpmot.data.prompt_sets import DEFAULT_SPLITS, check_languages, read_prompt_set
+from lightning_dpmot.data.prompt_sets import DEFAULT_LANGUAGES, DEFAULT_SPLITS, check_languages, read_prompt_set
 from lightning_dpmot.metrics.clip_score import ClipScorer
 from lightning_dpmot.metrics.shapes_captions import ACCURACY_KEYS, ShapesCaptionScorer
 from lightning_dpmot.utils.images import save_captioned_grid, save_png
@@ -252,10 +261,11 @@ def evaluate_prompt_set(
     """
     if k < 1 or batch_size < 1 or grid_size < 0:
         raise ValueError(f"need k >= 1, batch_size >= 1 and grid_size >= 0, got {k}, {batch_size}, {grid_size}")
-    languages = check_languages(
-        languages if languages is not None else {"English": "caption_en", "Chinese": "caption_zh"}
-    )
+    languages = check_languages(languages if languages is not None else DEFAULT_LANGUAGES)
     if isinstance(prompts, Mapping):
+        missing = [split for split in splits if split not in prompts]
+        if missing:
+            raise ValueError(f"the prompt set has no split(s) {missing}; it has {sorted(prompts)}")
         prompt_set = {split: list(prompts[split])[:max_prompts] for split in splits}
     else:
         prompt_set = read_prompt_set(prompts, languages, splits, max_prompts)

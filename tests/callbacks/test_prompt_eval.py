@@ -149,13 +149,17 @@ def test_chinese_rows_guide_reads_chinese_lm_reads_english(tmp_path: Path, score
         guidance=guidance,
         scorer=scorer,
         out_dir=tmp_path / "out",
+        extra={"setting": "cfg2+clip5"},
     )
+    columns, written = read_csv(tmp_path / "out" / "results.csv")
+    assert columns == ["setting", *RESULT_COLUMNS] and written[1]["setting"] == "cfg2+clip5"
     assert [(r["language"], r["guide_key"], r["images_of"]) for r in rows] == [
         ("English", "caption_en", "English"),
         ("Chinese", "caption_zh", "Chinese"),
     ]
     assert [bool(CJK.search(texts[0])) for texts in seen_guide] == [False, True]
-    assert seen_lm and not any(CJK.search(t) for t in seen_lm)
+    english = (tmp_path / "English" / "simple_scene.txt").read_text(encoding="utf-8").strip()
+    assert set(seen_lm) == {english} and len(seen_lm) >= 2  # the Chinese row's own generation also read English
     assert all(r["exact"] is None and r["fid"] is None for r in rows)  # no labels: no accuracy, no FID
 
     with pytest.raises(ValueError, match="also a guide"):

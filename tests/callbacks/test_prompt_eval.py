@@ -228,3 +228,39 @@ def test_two_ranks_shard_and_gather_to_the_single_rank_result(tmp_path: Path) ->
         name = f"images/complex_scene_English/i{i:05d}_j00.png"
         one, two = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
         assert one == two, name
+
+
+def test_metrics_grids_and_table_reach_the_loggers(tmp_path: Path) -> None:
+    """Numeric finite columns go through pl_module.log as eval/<split>/<language>/<column>; a WandbLogger also
+    gets each grid as an image and the table."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    class FakeWandb(WandbLogger):
+        def __init__(self) -> None:  # no wandb run
+            self.images: list[tuple[str, list[str]]] = []
+            self.tables: list[tuple[str, list[str], list[list]]] = []
+
+        def log_image(self, key: str, images: list, step: int | None = None, **kwargs) -> None:
+            self.images.append((key, images))
+
+        def log_table(self, key: str, columns: list[str], data: list[list], **kwargs) -> None:
+            self.tables.append((key, columns, data))
+
+    callback = PromptSetEvaluation(str(prompt_dir(tmp_path / "p", n=1, labels=False)), name="ev")
+    row = dict.fromkeys(RESULT_COLUMNS)
+    row.update(split="simple_scene", language="Chinese", n_images=3, clip_score=12.5, fid=float("nan"))
+    callback.rows = [row]
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "simple_scene_Chinese.png").write_bytes(b"png")
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, (value, kw["rank_zero_only"])))
+    wandb = FakeWandb()
+    callback.log_results(SimpleNamespace(loggers=[wandb], global_step=7), module, tmp_path / "ev")
+    assert logged == {
+        "eval/simple_scene/Chinese/n_images": (3.0, True),
+        "eval/simple_scene/Chinese/clip_score": (12.5, True),
+    }
+    assert wandb.images == [("eval/simple_scene/Chinese/grid", [str(tmp_path / "ev" / "simple_scene_Chinese.png")])]
+    assert wandb.tables[0][0] == "eval/ev" and wandb.tables[0][1] == list(RESULT_COLUMNS)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import resource
 import sys
 import time
@@ -388,13 +389,22 @@ def _row(
     return row
 
 
+_WIDE_RUN = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]{12,}")
+
+
+def _wrappable(text: str) -> str:
+    """Break runs of double-width characters (CJK, which has no spaces) every 11 characters, so the grid's
+    word wrap can fold them."""
+    return _WIDE_RUN.sub(lambda m: " ".join(m[0][i : i + 11] for i in range(0, len(m[0]), 11)), text)
+
+
 def _grid(images: Tensor, captions: list[str], path: Path, title: str) -> None:
     """The captioned grid; missing glyphs (e.g. Chinese without a CJK font) are drawn as boxes without warnings."""
     if not len(images):
         return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
-        save_captioned_grid(images, captions, path, title=title)
+        save_captioned_grid(images, [_wrappable(c) for c in captions], path, title=title)
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:

@@ -389,13 +389,20 @@ def _row(
     return row
 
 
-_WIDE_RUN = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]{12,}")
+_WIDE_RUN = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]+")
+_WRAP = 24  # the grid's wrap width in characters (a double-width character takes two columns)
 
 
 def _wrappable(text: str) -> str:
-    """Break runs of double-width characters (CJK, which has no spaces) every 11 characters, so the grid's
-    word wrap can fold them."""
-    return _WIDE_RUN.sub(lambda m: " ".join(m[0][i : i + 11] for i in range(0, len(m[0]), 11)), text)
+    """Cut runs of double-width characters (CJK: no spaces to wrap at) into lines of 12, each padded with no-break
+    spaces to the wrap width, so that the grid's word wrap puts every piece on a line of its own."""
+
+    def cut(match: re.Match[str]) -> str:
+        run = match[0]
+        pieces = [run[i : i + _WRAP // 2] for i in range(0, len(run), _WRAP // 2)]
+        return " ".join(p.center(_WRAP, "\u00a0") for p in pieces)
+
+    return _WIDE_RUN.sub(cut, text)
 
 
 def _grid(images: Tensor, captions: list[str], path: Path, title: str) -> None:

@@ -157,11 +157,11 @@ class PromptSetEvaluation(L.Callback):
 
     def build_scorer(self, device: torch.device) -> dict[str, ClipScorer]:
         """Language folder -> CLIP scorer (frozen, on ``device``); empty without a ``scorer`` source."""
-        from lightning_dpmot.nets.matching import load_matching_model
-
         sources = self.scorer if isinstance(self.scorer, dict) else dict.fromkeys(self.languages, self.scorer)
         loaded: dict[str, ClipScorer] = {}
         for source in {s for s in sources.values() if s is not None}:
+            from lightning_dpmot.nets.matching import load_matching_model
+
             model = load_matching_model(source).to(device)
             loaded[source] = ClipScorer(model, self.scorer_batch_size, name=str(source))
         return {lang: loaded[source] for lang, source in sources.items() if source is not None}

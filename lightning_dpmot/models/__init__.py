@@ -5,10 +5,12 @@ from lightning_dpmot.models.dpm import DPMModule
 from lightning_dpmot.models.dpm_ot import DPMOTModule, load_diffusion_module
 from lightning_dpmot.models.edm import EDMModule
 from lightning_dpmot.models.generation import GenerativeModule
+from lightning_dpmot.models.matching import ContrastiveMatchingModule
 from lightning_dpmot.models.semidiscrete import SemiDiscreteOTModule, load_ot_checkpoint
 from lightning_dpmot.models.text2img import TextToImageModule
 
 __all__ = [
+    "ContrastiveMatchingModule",
     "DPMModule",
     "DPMOTModule",
     "DiffusionModule",

@@ -18,6 +18,7 @@ from lightning_dpmot.nets.embeddings import (
     noise_embedding,
 )
 from lightning_dpmot.nets.layers import Conv2d, UNetBlock
+from lightning_dpmot.nets.matching import MatchingModel, load_matching_model
 from lightning_dpmot.nets.mlp import MLPDenoiserNet
 from lightning_dpmot.nets.text_encoder import TextEncoder
 from lightning_dpmot.nets.unet import DDPMppUNet
@@ -28,9 +29,11 @@ __all__ = [
     "DDPMppUNet",
     "FourierEmbedding",
     "MLPDenoiserNet",
+    "MatchingModel",
     "PositionalEmbedding",
     "TextEncoder",
     "UNetBlock",
     "class_one_hot",
+    "load_matching_model",
     "noise_embedding",
 ]

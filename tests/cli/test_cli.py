@@ -27,6 +27,7 @@ FRAGMENTS = {
     "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
     "eval/shapes_text2img.yaml": ("text2img/shapes.yaml", "test"),
     "eval/unibench_gpu.yaml": ("text2img/webdataset_t5.yaml", "test"),
+    "text2img/clip_guidance.yaml": ("text2img/shapes.yaml", "predict"),
 }
 # configs run by another subcommand than fit, and what builds their inputs (checkpoints) in tmp_path
 SUBCOMMANDS = {"dpm_ot/digits_sample.yaml": "predict"}
@@ -114,11 +115,28 @@ def shapes_eval_inputs(root: Path) -> list[str]:
     return shapes_eval_overrides(root)
 
 
+def clip_guidance_inputs(root: Path) -> list[str]:
+    """text2img/clip_guidance.yaml over text2img/shapes.yaml: a tiny guide saved as a local CLIP directory, a small
+    predict batch and 2 sampler steps (fast_dev_run predicts one batch with CFG + cross-modal guidance)."""
+    from lightning_dpmot.nets.matching import MatchingModel
+
+    guide = root / "guide"
+    MatchingModel.small(
+        image_size=16, width=32, layers=1, heads=2, embed_dim=16, text_width=32, text_layers=1, seed=0
+    ).save_pretrained(guide)
+    return [
+        f"--model.init_args.guidance.cross_modal.guides=[{{source: {guide}, text_key: caption_en}}]",
+        "--model.init_args.sampler.num_steps=2",
+        "--data.init_args.batch_size=2",
+    ]
+
+
 INPUTS = {
     "dpm_ot/digits_sample.yaml": dpm_ot_checkpoints,
     "text2img/webdataset_t5.yaml": webdataset_and_t5,
     "eval/unibench_gpu.yaml": unibench_gpu_inputs,
     "eval/shapes_text2img.yaml": shapes_eval_inputs,
+    "text2img/clip_guidance.yaml": clip_guidance_inputs,
 }
 
 

@@ -15,6 +15,8 @@ are both its positives (one shared embedding space, bilingual).
 image. Every pair (i, j) whose caption strings are identical is a positive; the target distribution of row i is
 uniform over its positives (one-hot when the caption is unique, which is CLIP's loss). Retrieval accuracy counts a
 retrieved item with the identical caption as correct.
+
+Under DDP each rank contrasts its own batch (no cross-rank gathering of negatives).
 """
 
 from __future__ import annotations

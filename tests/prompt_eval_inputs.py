@@ -7,12 +7,14 @@ for unibench_gpu.yaml a copy of its callback list with every model path replaced
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-UNIBENCH = (REPO / ".." / "shared" / "unibench").resolve()
+# UniBench stays outside the repo: the shared folder beside the checkout, or DPMOT_UNIBENCH
+UNIBENCH = Path(os.environ.get("DPMOT_UNIBENCH", REPO / ".." / "shared" / "unibench")).expanduser().resolve()
 
 
 def tiny_matching_dir(path: Path, seed: int) -> Path:

@@ -16,7 +16,7 @@ from lightning_dpmot.metrics.prompt_set_eval import RESULT_COLUMNS
 
 pytestmark = pytest.mark.skipif(
     not (UNIBENCH / "English" / "simple_scene.txt").is_file(),
-    reason=f"UniBench prompts not found at {UNIBENCH} (the shared folder ../shared/unibench of the repo root)",
+    reason=f"UniBench prompts not found at {UNIBENCH} (../shared/unibench beside the repo root, or set DPMOT_UNIBENCH)",
 )
 
 

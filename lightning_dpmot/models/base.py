@@ -36,6 +36,7 @@ from lightning_dpmot.diffusion.guidance import GuidanceSpec
 from lightning_dpmot.models.generation import PREDICT_STREAM, GenerativeModule
 from lightning_dpmot.sampling.samplers import NoiseSource, SampleResult, StepCallback
 from lightning_dpmot.sampling.spec import SamplerSpec, run_sampler
+from lightning_dpmot.utils.distributed import global_batch_size
 from lightning_dpmot.utils.random import StackedGenerator, global_seed, make_generator, mix_seed
 
 NetFactory = Callable[..., nn.Module]
@@ -238,9 +239,7 @@ class DiffusionModule(GenerativeModule):
         return self.trainer.global_step * self.global_batch_size()
 
     def global_batch_size(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(dm, "batch_size", None) or 1
-        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch_size(self.trainer)
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

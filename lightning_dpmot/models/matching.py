@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lightning_dpmot.models.base import plain_data, standalone_factory
 from lightning_dpmot.nets.matching import CLIP_INIT_LOGIT_SCALE, MatchingModel
+from lightning_dpmot.utils.distributed import global_batch_size
 
 DEFAULT_TEXT_KEYS = ("caption_en", "caption_zh")
 
@@ -219,9 +220,7 @@ class ContrastiveMatchingModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def global_batch_size(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(dm, "batch_size", None) or 1
-        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch_size(self.trainer)
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

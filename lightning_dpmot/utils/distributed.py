@@ -32,6 +32,14 @@ def gather_rows(trainer: Any, rows: Tensor) -> Tensor:
     return torch.cat([gathered[r, : int(counts[r])] for r in range(trainer.world_size)])
 
 
+def global_batch_size(trainer: Any) -> int:
+    """Images per optimizer step over all ranks: the DataModule's ``batch_size`` (1 if it has none) x world size x
+    gradient accumulation."""
+    dm = getattr(trainer, "datamodule", None)
+    per_device = getattr(dm, "batch_size", None) or 1
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
 def is_distributed() -> bool:
     """True when a ``torch.distributed`` process group with more than one rank is initialised."""
     return (
@@ -48,4 +56,4 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-__all__ = ["all_reduce_sum", "gather_rows", "is_distributed", "rank_seeds"]
+__all__ = ["all_reduce_sum", "gather_rows", "global_batch_size", "is_distributed", "rank_seeds"]

@@ -227,7 +227,8 @@ class CrossModalDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         cond = dict(cond or {})
-        own = {k: cond.pop(k) for k in list(cond) if k == GUIDE_SEED or k.startswith("guide")}
+        own_keys = {GUIDE_SEED, *(f"guide{k}" for k in range(len(self.spec.guides)))}
+        own = {k: cond.pop(k) for k in list(cond) if k in own_keys}
         inner_cond = cond or None
         tau = self.clock(sigma).to(x.device)
         s = self.spec.scale(tau).to(x)  # type: ignore[operator]

@@ -101,6 +101,17 @@ def fir_upsample(x: Tensor, kernel: Tensor, padding: int, box: bool = False) -> 
     return F.conv_transpose2d(x, weight, stride=2, padding=padding, groups=channels)
 
 
+def heads_to_image(a: Tensor, height: int) -> Tensor:
+    """Attention output (B, n, H*W, c) -> contiguous (B, n*c, H, W) feature map.
+
+    With one head the rearrange alone is a permuted view with channels-last strides; convolutions keep that layout,
+    so every later activation would be channels-last and the 1x1 convs' weight gradients (O, I, 1, 1) would come
+    out with channels-last strides (oneDNN), which DDP reports as "Grad strides do not match bucket view strides".
+    The copy restores EDM's NCHW layout (EDM's einsum output is contiguous too).
+    """
+    return rearrange(a, "b n (h w) c -> b (n c) h w", h=height).contiguous()
+
+
 class Conv2d(nn.Module):
     """Convolution with optional FIR up/downsampling by 2 (EDM's ``Conv2d``; same parameters and buffer).
 
@@ -267,7 +278,7 @@ class UNetBlock(nn.Module):
         qkv = self.qkv(self.norm2(x))
         q, k, v = rearrange(qkv, "b (n c three) h w -> three b n (h w) c", n=self.num_heads, three=3)
         a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v: (B, n, HW, c)
-        a = rearrange(a, "b n (h w) c -> b (n c) h w", h=height)
+        a = heads_to_image(a, height)
         return self.proj(a).add_(x).mul_(self.skip_scale)
 
     def cross_attention(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
@@ -279,7 +290,7 @@ class UNetBlock(nn.Module):
         k, v = rearrange(self.kv_ctx(context.to(x.dtype)), "b l (two n c) -> two b n l c", two=2, n=self.cross_heads)
         keep = rearrange(context_mask.bool(), "b l -> b 1 1 l")
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        a = rearrange(a, "b n (h w) c -> b (n c) h w", h=height)
+        a = heads_to_image(a, height)
         return self.proj_ctx(a).add_(x).mul_(self.skip_scale)
 
     def forward(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.denoiser import append_dims
+from lightning_dpmot.utils.precision import autocast_off
 
 
 class EDMCoefficients(NamedTuple):
@@ -84,13 +85,21 @@ class EDMPrecond(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
-        """x: (B, *S) noisy samples; sigma: (B,) or scalar; returns D(x; sigma) with x's shape and dtype."""
+        """x: (B, *S) noisy samples; sigma: (B,) or scalar; returns D(x; sigma) with x's shape and dtype.
+
+        Mixed precision as in NVlabs/edm: the coefficients, the net's input ``c_in x`` and the output combination
+        ``c_skip x + c_out F`` are float32 with autocast off; only the raw net runs under the caller's autocast
+        (bf16 under ``bf16-mixed``), and its output is cast back to float32.
+        """
         dtype = x.dtype
-        x = x.float()
-        sigma = sigma.float().reshape(-1).expand(x.shape[0])
-        c = edm_precond(sigma, self.sigma_data)
-        F_x = self.raw_net(append_dims(c.c_in, x.ndim) * x, c.c_noise, cond)
-        D_x = append_dims(c.c_skip, x.ndim) * x + append_dims(c.c_out, x.ndim) * F_x.float()
+        with autocast_off(x.device):
+            x = x.float()
+            sigma = sigma.float().reshape(-1).expand(x.shape[0])
+            c = edm_precond(sigma, self.sigma_data)
+            net_in = append_dims(c.c_in, x.ndim) * x
+        F_x = self.raw_net(net_in, c.c_noise, cond)
+        with autocast_off(x.device):
+            D_x = append_dims(c.c_skip, x.ndim) * x + append_dims(c.c_out, x.ndim) * F_x.float()
         return D_x.to(dtype)
 
 
@@ -102,12 +111,16 @@ def edm_loss(denoiser: EDMPrecond, y: Tensor, n: Tensor, sigma: Tensor, cond: Co
         y: (B, *S) clean data; n: (B, *S) unit Gaussian noise (possibly OT-assigned); sigma: (B,);
         cond: condition mapping of (B, ...) tensors or None.
     Returns:
-        (B,) loss per sample (EDM sums over pixels and averages over the batch).
+        (B,) float32 loss per sample (EDM sums over pixels and averages over the batch), computed in float32 also
+        under bf16 autocast.
     """
-    x = y + append_dims(sigma, y.ndim) * n
-    D_x = denoiser(x, sigma, cond)
-    weight = edm_loss_weight(sigma, denoiser.sigma_data)
-    return weight * (D_x - y).square().flatten(1).sum(1)
+    with autocast_off(y.device):
+        y, n, sigma = y.float(), n.float(), sigma.float()
+        x = y + append_dims(sigma, y.ndim) * n
+    D_x = denoiser(x, sigma, cond)  # float32 (the net inside may run in bf16)
+    with autocast_off(y.device):  # the weighting and the reduction in float32
+        weight = edm_loss_weight(sigma, denoiser.sigma_data)
+        return weight * (D_x.float() - y).square().flatten(1).sum(1)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.denoiser import append_dims
+from lightning_dpmot.utils.precision import autocast_off
 
 BetaSchedule = Literal["linear", "cosine"]
 
@@ -113,10 +114,17 @@ class VPEpsDenoiser(nn.Module):
         self.schedule = schedule
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
-        """x: (B, *S) in sigma space; sigma: (B,) or scalar. Returns the x0 estimate with x's dtype."""
+        """x: (B, *S) in sigma space; sigma: (B,) or scalar. Returns the x0 estimate with x's dtype.
+
+        As :class:`~lightning_dpmot.diffusion.edm.EDMPrecond`: everything but the raw net in float32 with autocast
+        off; the net's output is cast back to float32.
+        """
         dtype = x.dtype
-        x = x.float()
-        sigma = sigma.float().reshape(-1).expand(x.shape[0])
-        c_in = append_dims(1 / (sigma**2 + 1).sqrt(), x.ndim)
-        eps = self.raw_net(x * c_in, self.schedule.sigma_to_t(sigma), cond)
-        return (x - append_dims(sigma, x.ndim) * eps.float()).to(dtype)
+        with autocast_off(x.device):
+            x = x.float()
+            sigma = sigma.float().reshape(-1).expand(x.shape[0])
+            c_in = append_dims(1 / (sigma**2 + 1).sqrt(), x.ndim)
+            net_in, t = x * c_in, self.schedule.sigma_to_t(sigma)
+        eps = self.raw_net(net_in, t, cond)
+        with autocast_off(x.device):
+            return (x - append_dims(sigma, x.ndim) * eps.float()).to(dtype)

@@ -25,6 +25,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from lightning_dpmot.utils.precision import exact_fp32
+
 #: Default block edge: a block of distances is ``chunk_size x chunk_size`` fp32 values (16 MiB at 2048).
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -44,13 +46,10 @@ def _check_chunk(chunk_size: int) -> None:
 
 
 def _expanded_squared_distances(q: Tensor, q_sq: Tensor, r: Tensor) -> Tensor:
-    """``||q||^2 + ||r||^2 - 2 q r^T`` clamped at 0: (m, d), (m, 1), (n, d) -> (m, n), with TF32 kept off."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # TF32 would mis-rank near neighbours
-    try:
+    """``||q||^2 + ||r||^2 - 2 q r^T`` clamped at 0: (m, d), (m, 1), (n, d) -> (m, n), with TF32 and bf16
+    autocast kept off (either would mis-rank near neighbours)."""
+    with exact_fp32(q.device):
         return torch.addmm(q_sq + r.square().sum(1), q, r.T, alpha=-2.0).clamp_(min=0.0)
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def squared_distance_blocks(

@@ -41,6 +41,7 @@ from lightning_dpmot.diffusion.vp import VPEpsDenoiser, VPSchedule
 from lightning_dpmot.models.base import DiffusionModule, NetFactory
 from lightning_dpmot.sampling.schedules import karras_sigmas
 from lightning_dpmot.sampling.spec import SamplerSpec
+from lightning_dpmot.utils.precision import autocast_off
 
 
 def ddpm_adam(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
@@ -101,9 +102,11 @@ class DPMModule(DiffusionModule):
             generator: draws the timesteps t (B,).
         """
         t = self.sample_timesteps(x.shape[0], generator, x.device)
-        x_t = self.schedule.q_sample(x, noise, t)
-        eps = self.denoiser.raw_net(x_t, t.to(x.dtype), cond)
-        return reduce((eps.float() - noise.float()) ** 2, "b ... -> b", "mean")
+        with autocast_off(x.device):
+            x_t = self.schedule.q_sample(x.float(), noise.float(), t)
+        eps = self.denoiser.raw_net(x_t, t.float(), cond)  # under bf16 autocast the net runs in bf16
+        with autocast_off(x.device):  # the error and its reduction in float32
+            return reduce((eps.float() - noise.float()) ** 2, "b ... -> b", "mean")
 
     def sigmas_for(self, spec: SamplerSpec) -> Tensor:
         """Descending levels (N + 1,) ending in 0.

@@ -34,6 +34,7 @@ from typing_extensions import override
 from lightning_dpmot.models.base import plain_data, standalone_factory
 from lightning_dpmot.nets.matching import CLIP_INIT_LOGIT_SCALE, MatchingModel
 from lightning_dpmot.utils.distributed import global_batch_size
+from lightning_dpmot.utils.precision import autocast_off
 
 DEFAULT_TEXT_KEYS = ("caption_en", "caption_zh")
 
@@ -52,6 +53,11 @@ def duplicate_targets(texts: Sequence[str], device: torch.device | str | None = 
     return same / same.sum(dim=1, keepdim=True)
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it already is (bf16 / fp16 embeddings are upcast)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor | float, texts: Sequence[str]) -> Tensor:
     """Symmetric InfoNCE with duplicate-aware targets (module docstring): embeddings (B, M) (unit norm), ``scale``
     the exp-ed temperature, ``texts`` the B caption strings (equal strings are positives of each other)."""
@@ -60,17 +66,20 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor | 
             f"image {tuple(image_embeds.shape)} and text {tuple(text_embeds.shape)} embeddings and {len(texts)} "
             "captions must agree"
         )
-    logits = scale * image_embeds @ text_embeds.T  # (images, texts)
-    targets = duplicate_targets(texts, logits.device)  # symmetric, rows = columns
-    i2t = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    t2i = -(targets.T * logits.T.log_softmax(dim=1)).sum(dim=1).mean()
-    return (i2t + t2i) / 2
+    with autocast_off(image_embeds.device):  # logits, softmax and the reduction in float32, also under bf16 autocast
+        scale = at_least_fp32(scale) if isinstance(scale, Tensor) else scale
+        logits = scale * at_least_fp32(image_embeds) @ at_least_fp32(text_embeds).T  # (images, texts)
+        targets = duplicate_targets(texts, logits.device)  # symmetric, rows = columns
+        i2t = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+        t2i = -(targets.T * logits.T.log_softmax(dim=1)).sum(dim=1).mean()
+        return (i2t + t2i) / 2
 
 
 def retrieval_hits(image_embeds: Tensor, text_embeds: Tensor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
     """Top-1 hits (N,) bool, image->text and text->image, where item i's caption is ``texts[i]``; a retrieved item
     whose caption equals the query's counts as correct."""
-    sims = image_embeds @ text_embeds.T
+    with autocast_off(image_embeds.device):  # bf16 similarities would tie and mis-rank near neighbours
+        sims = at_least_fp32(image_embeds) @ at_least_fp32(text_embeds).T
     same = duplicate_targets(texts, sims.device) > 0
     rows = torch.arange(len(texts), device=sims.device)
     i2t = same[rows, sims.argmax(dim=1)]

@@ -54,6 +54,7 @@ from lightning_dpmot.ot.auction import auction_assignment
 from lightning_dpmot.ot.checks import check_cost_matrix
 from lightning_dpmot.ot.costs import ldexp, normalise_magnitude
 from lightning_dpmot.ot.sinkhorn import sinkhorn_assignment, sinkhorn_potentials
+from lightning_dpmot.utils.precision import exact_fp32
 
 #: Relative Sinkhorn regularisation for the exact solver's dual warm start (coarse duals suffice).
 WARM_START_REG = 0.1
@@ -198,7 +199,8 @@ def solve_assignment(cost: Tensor, method: str = "exact", **options: Any) -> Ten
     cost, shift = normalise_magnitude(cost)
     if shift:
         options = _rescale_options(method, options, shift)
-    return _SOLVERS[method](cost, **options)
+    with exact_fp32(cost.device):  # Sinkhorn's kernel products must not run in bf16 under autocast
+        return _SOLVERS[method](cost, **options)
 
 
 def assignment_cost(cost: Tensor, perm: Tensor) -> Tensor:

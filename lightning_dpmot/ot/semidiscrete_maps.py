@@ -28,8 +28,6 @@ All GEMMs run in exact fp32 whatever the caller's autocast or matmul-precision s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
@@ -39,27 +37,12 @@ from lightning_dpmot.ot.latent_targets import LatentTargets
 from lightning_dpmot.ot.power_cells import sample_source
 from lightning_dpmot.ot.semidiscrete import SemiDiscreteOT
 from lightning_dpmot.sampling.samplers import NoiseSource
+from lightning_dpmot.utils.precision import exact_fp32
 from lightning_dpmot.utils.random import make_generator
 
 MapName = Literal["hard", "renoise", "soft", "aeot"]
 MAP_NAMES: tuple[str, ...] = ("hard", "renoise", "soft", "aeot")
 _CALIBRATION = 0xAE07  # generator tag of the AE-OT angle calibration samples
-
-
-@contextlib.contextmanager
-def exact_fp32(device: torch.device | str) -> Iterator[None]:
-    """Run the enclosed OT GEMMs in true fp32: autocast off and ``float32_matmul_precision("highest")``.
-
-    TF32/bf16 round scores ~1e-3 relative and mis-assign samples near cell faces. The previous precision is
-    restored on exit (the setting is process-global; use from the thread that runs the model).
-    """
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(torch.device(device).type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 class MapResult(NamedTuple):

@@ -28,6 +28,7 @@ FRAGMENTS = {
     "eval/shapes_text2img.yaml": ("text2img/shapes.yaml", "test"),
     "eval/unibench_gpu.yaml": ("text2img/webdataset_t5.yaml", "test"),
     "text2img/clip_guidance.yaml": ("text2img/shapes.yaml", "predict"),
+    "cluster/bf16.yaml": ("quickstart.yaml", "fit"),
 }
 # configs run by another subcommand than fit, and what builds their inputs (checkpoints) in tmp_path
 SUBCOMMANDS = {"dpm_ot/digits_sample.yaml": "predict"}

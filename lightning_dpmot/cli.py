@@ -73,11 +73,20 @@ class SaveConfigToLoggers(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.already_saved and self.save_to_log_dir and not self.overwrite:
             config_path = Path(trainer.log_dir or trainer.default_root_dir) / self.config_filename  # collective
-            exists = trainer.strategy.broadcast(config_path.is_file() if trainer.is_global_zero else False)
-            if exists:
+            state = "absent"
+            if trainer.is_global_zero and config_path.is_file():
+                resuming = stage == "fit" and bool(self.config.get("ckpt_path"))
+                same = resuming and config_path.read_text() == self.parser.dump(self.config, skip_none=False)
+                state = "same" if same else "different"
+            state = trainer.strategy.broadcast(state)
+            if state == "same":  # a requeued job resuming (--ckpt_path) in its own fixed log directory
+                self.already_saved = True
+                return
+            if state == "different":
                 raise FileExistsError(
                     f"{config_path} already exists: that log directory belongs to an earlier run and would be "
-                    "overwritten; choose another --trainer.default_root_dir (or logger name/version), or move it away"
+                    "overwritten; choose another --trainer.default_root_dir (or logger name/version), or move it away "
+                    "(resuming with --ckpt_path and the identical config in the same log directory is allowed)"
                 )
         super().setup(trainer, pl_module, stage)
 

@@ -1,4 +1,4 @@
-"""SIGTERM/SIGINT: checkpoint the current step, flush the metrics, exit non-zero.
+"""SIGTERM/SIGINT/SIGUSR1: checkpoint the current step, flush the metrics, requeue under SLURM, exit non-zero.
 
 Lightning's own SIGTERM handling stops at the next batch with **exit status 0** and no checkpoint (a scheduler sees
 a successful job), and its handler runs a ``dist.broadcast`` inside the signal handler. :class:`GracefulShutdown`
@@ -10,7 +10,17 @@ replaces it during training:
 3. all ranks write ``last.ckpt`` of that step (through the ``ModelCheckpoint``/:class:`LastCheckpoint` with
    ``save_last`` when there is one, else ``<log_dir>/checkpoints/last.ckpt``; written atomically by
    :class:`~lightning_dpmot.utils.checkpoint_io.SafeCheckpointIO`), loggers are flushed, and
-4. :class:`~lightning_dpmot.errors.TrainingInterrupted` exits with 128 + signal: 143 for SIGTERM, 130 for SIGINT.
+4. for a *requeue signal* (SIGUSR1, what ``#SBATCH --signal=USR1@90`` and ``scancel --signal=USR1`` send), global
+   rank 0 of a SLURM job runs ``scontrol requeue $SLURM_JOB_ID`` when ``scontrol`` is on the PATH (inside a container
+   it usually is not: the batch script requeues from the host when ``srun`` returns 138, see
+   ``experiments/cluster/``);
+5. :class:`~lightning_dpmot.errors.TrainingInterrupted` exits with 128 + signal: 143 for SIGTERM, 130 for SIGINT,
+   138 for SIGUSR1.
+
+This replaces Lightning's SLURM auto-requeue, which writes ``hpc_ckpt_N.ckpt`` from inside the signal handler, in the
+middle of whatever step is running: its resumed run replays the interrupted epoch and ends with other weights. Here
+the checkpoint is taken at a batch boundary, with the data loader's position, so ``--ckpt_path last`` in the
+restarted job continues bit-identically (tested under a real SLURM requeue in ``tests/cluster/``).
 
 Outside training (validate/test/predict, the sanity check) there is nothing to save: the handler stops at once with
 the same exit status. A second SIGINT (Ctrl+C twice) does not wait for the batch boundary. :meth:`after_checkpoint`
@@ -19,7 +29,10 @@ is the hook for a requeue (SLURM) instead of exiting.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,12 +52,22 @@ class GracefulShutdown(Callback):
     """Turn SIGTERM/SIGINT into a checkpoint of the current step and a non-zero exit (see the module docstring).
 
     Args:
-        signals: names of the signals to handle (default SIGTERM and SIGINT).
+        signals: names of the signals to handle (default SIGTERM, SIGINT and SIGUSR1).
+        requeue_signals: the signals after which a SLURM job is requeued (default SIGUSR1).
+        requeue: run ``scontrol requeue`` from global rank 0 after a requeue signal inside a SLURM job (when
+            ``scontrol`` is on the PATH); ``False`` leaves the requeue to the batch script (exit status 138).
     """
 
-    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGINT")) -> None:
+    def __init__(
+        self,
+        signals: Sequence[str] = ("SIGTERM", "SIGINT", "SIGUSR1"),
+        requeue_signals: Sequence[str] = ("SIGUSR1",),
+        requeue: bool = True,
+    ) -> None:
         super().__init__()
-        self.signals = [signal.Signals[name] if isinstance(name, str) else signal.Signals(name) for name in signals]
+        self.signals = [_signal(name) for name in signals]
+        self.requeue_signals = [_signal(name) for name in requeue_signals]
+        self.requeue = requeue
         self.received = 0  # signal number recorded by the handler; 0 = none
         self._stage: str | None = None
         self._trainer: L.Trainer | None = None
@@ -158,7 +181,41 @@ class GracefulShutdown(Callback):
         return str(path)
 
     def after_checkpoint(self, trainer: L.Trainer, signum: int, path: str | None) -> None:
-        """Stop the run (override to requeue instead, e.g. under SLURM): raises ``TrainingInterrupted``."""
+        """Requeue the SLURM job after a requeue signal (rank 0), then stop: raises ``TrainingInterrupted``."""
         interrupted = TrainingInterrupted(signum, trainer.global_step, path)
         rank_zero_info(f"dpmot: {interrupted}")
+        if signum in self.requeue_signals and trainer.is_global_zero:
+            rank_zero_info(f"dpmot: {requeue_slurm_job() if self.requeue else 'requeue left to the batch script'}")
         raise interrupted
+
+
+def _signal(name: str | int) -> signal.Signals:
+    return signal.Signals[name] if isinstance(name, str) else signal.Signals(name)
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for array tasks, else ``SLURM_JOB_ID``; ``None``
+    outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def requeue_slurm_job(timeout: float = 60.0) -> str:
+    """Run ``scontrol requeue`` for this job; return what happened, in one line (never raises)."""
+    job = slurm_job_id()
+    if job is None:
+        return "not a SLURM job: nothing to requeue"
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return f"scontrol not found: the batch script must requeue SLURM job {job} (exit status 138)"
+    try:
+        done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"scontrol requeue {job} failed: {err}"
+    if done.returncode < 0:  # the requeue ends this job step at once, scontrol included
+        return f"scontrol requeue {job} sent; it stopped this job step (signal {-done.returncode}) as it requeued"
+    if done.returncode != 0:
+        return f"scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}"
+    return f"requeued SLURM job {job}; the restarted job resumes with --ckpt_path last"

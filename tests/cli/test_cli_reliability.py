@@ -260,3 +260,21 @@ def test_num_threads_is_applied(tmp_path: Path, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["num_threads"] == 1
+
+
+def test_a_resumed_job_may_reuse_its_log_directory_with_the_identical_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A requeued SLURM job restarts in its fixed log directory with ``--ckpt_path last``: same config → resumes;
+    another config there is still refused (nothing overwritten)."""
+    config = tiny_config(tmp_path, max_steps=2)
+    args = ["fit", "--config", str(config), "--trainer.logger=false", "--ckpt_path=last"]
+    args += [f"--trainer.default_root_dir={tmp_path / 'out'}"]
+    main(args)
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    main(args)  # the identical command: resumes from last.ckpt (step 2 = max_steps: nothing left to train)
+    assert (tmp_path / "out" / "config.yaml").read_text() == saved
+    code, lines, err = run_main([*args, "--trainer.max_steps=3"], capsys)
+    assert code == 2 and len(lines) == 1, err
+    assert "FileExistsError" in lines[0] and "already exists" in lines[0]
+    assert (tmp_path / "out" / "config.yaml").read_text() == saved

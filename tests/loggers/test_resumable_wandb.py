@@ -113,8 +113,8 @@ def test_id_file_first_writer_wins_and_empty_file_is_an_error(tmp_path: Path) ->
 def test_wandb_config_under_slurm_requeue_keeps_one_run(
     tmp_path: Path, offline: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """configs/loggers/wandb.yaml through ``dpmot fit``: a start and a requeued start (``--ckpt_path last``) of
-    SLURM job 77 share runs/lightning_logs/version_77 and one wandb run id."""
+    """configs/cluster/slurm.yaml + configs/loggers/wandb_slurm.yaml through ``dpmot fit``: a start and a requeued
+    start (``--ckpt_path last``) of SLURM job 77 share runs/slurm/job-77 and one wandb run id."""
     from dpmot_tiny import tiny_config
 
     from lightning_dpmot.cli import main
@@ -123,9 +123,9 @@ def test_wandb_config_under_slurm_requeue_keeps_one_run(
     monkeypatch.chdir(tmp_path)  # the config's save_dir is the relative runs/
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     config = tiny_config(tmp_path, max_steps=4, last_every_n_steps=1)
-    args = ["--config", str(config), "--config", str(REPO / "configs" / "loggers" / "wandb.yaml")]
-    args += ["--trainer.logger.init_args.persist_id=true", "--trainer.logger.init_args.offline=true"]
-    args += ["--ckpt_path=last"]  # the same command line for every start of the job
+    args = ["--config", str(config), "--config", str(REPO / "configs" / "cluster" / "slurm.yaml")]
+    args += ["--config", str(REPO / "configs" / "loggers" / "wandb_slurm.yaml")]
+    args += ["--trainer.logger.init_args.offline=true"]  # the same command line for every start of the job
 
     step = DiffusionModule.training_step
 
@@ -141,9 +141,9 @@ def test_wandb_config_under_slurm_requeue_keeps_one_run(
     wandb.finish()
     main(["fit", *args])  # the requeued start
     wandb.finish()
-    run_dir = tmp_path / "runs" / "lightning_logs" / "version_77"
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    folders = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    run_dir = tmp_path / "runs" / "slurm" / "job-77"
+    run_id = (run_dir / "lightning_dpmot" / "wandb_run_id").read_text().strip()
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
     steps = sorted({int(row["step"]) for row in csv.DictReader((run_dir / "metrics.csv").open()) if row["step"]})
     assert steps == [0, 1, 2, 3]  # the requeued start resumed at step 2 and appended to the same CSV

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import job_config, job_env, need
+from cluster_utils import REPO, job_config, job_env, need
 from scipy.optimize import linear_sum_assignment
 
 pytestmark = pytest.mark.cluster
+SCRIPT = REPO / "experiments" / "cluster" / "torchrun_node.sh"
 
 
 def free_port() -> int:
@@ -25,21 +26,19 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d-elastic"])
 def test_two_torchrun_nodes_train_one_global_batch(tmp_path: Path, rendezvous: str) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    need(torchrun is not None, "torchrun is not installed next to this Python")
+    """experiments/cluster/torchrun_node.sh, started twice as node 0 and node 1 on loopback."""
+    need(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is not None, "torchrun is not installed")
     config = job_config(tmp_path, tmp_path / "record", max_steps=3)
-    port = free_port()
+    port = str(free_port())
     procs = []
     for node_rank in (0, 1):
-        cmd = [str(torchrun), "--nproc_per_node=1"]
-        if rendezvous == "static":
-            cmd += ["--nnodes=2", f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-        else:  # elastic: 1 to 2 nodes, c10d rendezvous hosted by the first node
-            cmd += ["--nnodes=1:2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=dpmot"]
-            cmd += ["--max_restarts=0", "--rdzv_conf=last_call_timeout=5"]
-        cmd += ["-m", "lightning_dpmot", "fit", "--config", str(config), "--trainer.num_nodes=2", "--trainer.devices=1"]
+        env = job_env(DPMOT_MASTER_ADDR="127.0.0.1", DPMOT_MASTER_PORT=port, DPMOT_NODE_RANK=str(node_rank))
+        env.update(DPMOT_NNODES="2", DPMOT_NPROC="1")
+        if rendezvous == "c10d-elastic":
+            env.update(DPMOT_NNODES="1:2", DPMOT_ELASTIC="1", DPMOT_RUN_ID=f"dpmot-{port}")
+        cmd = ["bash", str(SCRIPT), "--config", str(config)]
         out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-        procs.append(subprocess.Popen(cmd, env=job_env(), cwd=tmp_path, **out))
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, **out))
     try:
         logs = [proc.communicate(timeout=400)[0] for proc in procs]
     finally:

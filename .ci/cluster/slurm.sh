@@ -26,7 +26,9 @@ slurm_start() {
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
     install -d -o munge -g munge -m 755 /run/munge
     if ! pgrep -x munged >/dev/null; then
-        runuser -u munge -- munged --pid-file="$state/munged.pid"
+        # munged runs as munge, which may not traverse $state (mktemp -d is mode 700): pid file in /run/munge
+        runuser -u munge -- munged --pid-file=/run/munge/dpmot-munged.pid
+        ln -sf /run/munge/dpmot-munged.pid "$state/munged.pid"
         echo munged >> "$state/started"
     fi
 
@@ -89,6 +91,6 @@ slurm_stop() {
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         kill -9 "$pid" 2>/dev/null || true
-        rm -f "$pidfile"
+        rm -f "$pidfile" "$(readlink -f "$pidfile" 2>/dev/null)"
     done
 }

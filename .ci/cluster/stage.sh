@@ -5,6 +5,9 @@
 # Recipes: ../shared/notes/cluster.md; what each test proves: tests/cluster/*.py; README "Cluster".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
+    . .venv/bin/activate  # the README test command's venv
+fi
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DPMOT_REQUIRE_CLUSTER=1
 image="${DPMOT_DOCKER_IMAGE:-local/dpmot:cpu}"
 export DPMOT_DOCKER_IMAGE="$image"

@@ -13,17 +13,27 @@ dpmot_job_banner() {
         "(restarts so far: ${SLURM_RESTART_COUNT:-0})"
 }
 
-# After `srun` returns: exit status 138 (128 + SIGUSR1) means dpmot saved last.ckpt after a requeue signal but could
-# not requeue the job itself (no `scontrol` inside a container image): requeue it from the host. Any other status is
-# the job's result.
+# Where dpmot asks for a requeue it cannot do itself (no `scontrol` inside a container image): before `srun`,
+#   dpmot_requeue_marker <host path> [<the same file as the container sees it>]
+# exports DPMOT_REQUEUE_MARKER; after SIGUSR1 and last.ckpt, dpmot's rank 0 writes that file.
+dpmot_requeue_marker() {
+    DPMOT_HOST_REQUEUE_MARKER="$1"
+    export DPMOT_REQUEUE_MARKER="${2:-$1}"
+    rm -f "$DPMOT_HOST_REQUEUE_MARKER"
+}
+
+# After `srun` returns: requeue from the host when dpmot asked for it (the marker file), else exit with srun's status
+# (138 = 128 + SIGUSR1 after a checkpoint and a requeue dpmot did itself; SLURM is restarting the job anyway).
 dpmot_requeue_if_interrupted() {
     local rc="$1" job="${SLURM_JOB_ID:-}"
     if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
         job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
     fi
-    if [ "$rc" -eq 138 ]; then
-        echo "[$(date -Is)] interrupted by SIGUSR1 after a checkpoint: requeueing job $job from the host"
+    if [ -n "${DPMOT_HOST_REQUEUE_MARKER:-}" ] && [ -e "$DPMOT_HOST_REQUEUE_MARKER" ]; then
+        rm -f "$DPMOT_HOST_REQUEUE_MARKER"
+        echo "[$(date -Is)] dpmot checkpointed after SIGUSR1 (srun status $rc): requeueing job $job from the host"
         scontrol requeue "$job" && exit 0
+        echo "[$(date -Is)] scontrol requeue $job failed" >&2
     fi
     echo "[$(date -Is)] srun exited with status $rc"
     exit "$rc"

@@ -11,9 +11,9 @@ replaces it during training:
    ``save_last`` when there is one, else ``<log_dir>/checkpoints/last.ckpt``; written atomically by
    :class:`~lightning_dpmot.utils.checkpoint_io.SafeCheckpointIO`), loggers are flushed, and
 4. for a *requeue signal* (SIGUSR1, what ``#SBATCH --signal=USR1@90`` and ``scancel --signal=USR1`` send), global
-   rank 0 of a SLURM job runs ``scontrol requeue $SLURM_JOB_ID`` when ``scontrol`` is on the PATH (inside a container
-   it usually is not: the batch script requeues from the host when ``srun`` returns 138, see
-   ``experiments/cluster/``);
+   rank 0 of a SLURM job runs ``scontrol requeue $SLURM_JOB_ID`` when ``scontrol`` is on the PATH. Inside a container
+   it usually is not: rank 0 then writes the file named by ``$DPMOT_REQUEUE_MARKER`` (the sbatch templates set it)
+   and the batch script requeues the job from the host when it finds that file (``experiments/cluster/common.sh``);
 5. :class:`~lightning_dpmot.errors.TrainingInterrupted` exits with 128 + signal: 143 for SIGTERM, 130 for SIGINT,
    138 for SIGUSR1.
 
@@ -47,6 +47,9 @@ from typing_extensions import override
 
 from lightning_dpmot.errors import TrainingInterrupted
 
+#: The file rank 0 writes when the job must be requeued from outside (no ``scontrol`` in a container).
+REQUEUE_MARKER_ENV = "DPMOT_REQUEUE_MARKER"
+
 
 class GracefulShutdown(Callback):
     """Turn SIGTERM/SIGINT into a checkpoint of the current step and a non-zero exit (see the module docstring).
@@ -55,7 +58,7 @@ class GracefulShutdown(Callback):
         signals: names of the signals to handle (default SIGTERM, SIGINT and SIGUSR1).
         requeue_signals: the signals after which a SLURM job is requeued (default SIGUSR1).
         requeue: run ``scontrol requeue`` from global rank 0 after a requeue signal inside a SLURM job (when
-            ``scontrol`` is on the PATH); ``False`` leaves the requeue to the batch script (exit status 138).
+            ``scontrol`` is on the PATH); ``False`` leaves the requeue to the batch script (``$DPMOT_REQUEUE_MARKER``).
     """
 
     def __init__(
@@ -185,7 +188,10 @@ class GracefulShutdown(Callback):
         interrupted = TrainingInterrupted(signum, trainer.global_step, path)
         rank_zero_info(f"dpmot: {interrupted}")
         if signum in self.requeue_signals and trainer.is_global_zero:
-            rank_zero_info(f"dpmot: {requeue_slurm_job() if self.requeue else 'requeue left to the batch script'}")
+            done, message = requeue_slurm_job() if self.requeue else (False, "requeue left to the batch script")
+            rank_zero_info(f"dpmot: {message}")
+            if not done:
+                rank_zero_info(f"dpmot: {request_host_requeue()}")
         raise interrupted
 
 
@@ -202,20 +208,36 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
-def requeue_slurm_job(timeout: float = 60.0) -> str:
-    """Run ``scontrol requeue`` for this job; return what happened, in one line (never raises)."""
+def requeue_slurm_job(timeout: float = 60.0) -> tuple[bool, str]:
+    """Run ``scontrol requeue`` for this job: (whether it was requeued, what happened in one line); never raises."""
     job = slurm_job_id()
     if job is None:
-        return "not a SLURM job: nothing to requeue"
+        return False, "not a SLURM job: nothing to requeue"
     scontrol = shutil.which("scontrol")
     if scontrol is None:
-        return f"scontrol not found: the batch script must requeue SLURM job {job} (exit status 138)"
+        return False, f"scontrol not found: the batch script must requeue SLURM job {job}"
     try:
         done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"scontrol requeue {job} failed: {err}"
+        return False, f"scontrol requeue {job} failed: {err}"
     if done.returncode < 0:  # the requeue ends this job step at once, scontrol included
-        return f"scontrol requeue {job} sent; it stopped this job step (signal {-done.returncode}) as it requeued"
+        return True, f"scontrol requeue {job} sent; it stopped this job step (signal {-done.returncode}) as it requeued"
     if done.returncode != 0:
-        return f"scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}"
-    return f"requeued SLURM job {job}; the restarted job resumes with --ckpt_path last"
+        return False, f"scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}"
+    return True, f"requeued SLURM job {job}; the restarted job resumes with --ckpt_path last"
+
+
+def request_host_requeue() -> str:
+    """Ask the batch script to requeue: write ``$DPMOT_REQUEUE_MARKER`` (atomically); return what was done."""
+    marker = os.environ.get(REQUEUE_MARKER_ENV)
+    if not marker:
+        return f"{REQUEUE_MARKER_ENV} is not set: requeue the job yourself (exit status 138)"
+    path = Path(marker)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(f"{slurm_job_id() or ''}\n")
+        os.replace(partial, path)
+    except OSError as err:
+        return f"could not write {path} ({err}): requeue the job yourself (exit status 138)"
+    return f"asked the batch script to requeue the job ({path})"

@@ -102,3 +102,38 @@ def test_sigterm_under_two_process_ddp(tmp_path: Path) -> None:
     assert code == 143, stderr[-3000:]
     check_checkpoint(path, step, tmp_path)
     assert "Traceback" not in stderr
+
+
+def test_requeue_runs_scontrol_for_the_job_and_else_asks_the_batch_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 in a SLURM job: ``scontrol requeue <job>`` (array tasks as ``<array>_<task>``) when scontrol exists;
+    otherwise the marker file the sbatch templates watch (``$DPMOT_REQUEUE_MARKER``), written whole."""
+    from lightning_dpmot.callbacks.signals import request_host_requeue, requeue_slurm_job
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "DPMOT_REQUEUE_MARKER"):
+        monkeypatch.delenv(name, raising=False)
+    assert requeue_slurm_job() == (False, "not a SLURM job: nothing to requeue")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    done, message = requeue_slurm_job()
+    assert not done and "scontrol not found" in message and "42" in message
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "scontrol"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    assert requeue_slurm_job()[0] and calls.read_text() == "requeue 42\n"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert requeue_slurm_job()[0] and calls.read_text().splitlines()[-1] == "requeue 7_3"
+    fake.write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
+    done, message = requeue_slurm_job()
+    assert not done and "failed (1): Invalid job id" in message
+
+    assert "DPMOT_REQUEUE_MARKER is not set" in request_host_requeue()
+    marker = tmp_path / "runs" / ".dpmot-requeue-7"
+    monkeypatch.setenv("DPMOT_REQUEUE_MARKER", str(marker))
+    assert str(marker) in request_host_requeue()
+    assert marker.read_text() == "7_3\n" and not list(marker.parent.glob(".*.partial"))

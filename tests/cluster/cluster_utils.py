@@ -48,9 +48,18 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def job_config(
-    root: Path, record: Path, *, max_steps: int, stall_at: int | None = None, ot: dict[str, Any] | None = None
+    root: Path,
+    record: Path,
+    *,
+    max_steps: int,
+    stall_at: int | None = None,
+    ot: dict[str, Any] | None = None,
+    requeue: bool = True,
 ) -> Path:
-    """A tiny EDM + OT coupling run on the digits, logging under ``root`` (one file, ``root/job.yaml``)."""
+    """A tiny EDM + OT coupling run on the digits, logging under ``root`` (one file, ``root/job.yaml``).
+
+    ``requeue=False``: ``dpmot`` does not run ``scontrol requeue`` itself (as in an image without ``scontrol``); the
+    batch script requeues from the host when ``srun`` returns 138."""
     recorder: dict[str, Any] = {"out": str(record)}
     if stall_at is not None:
         recorder.update(stall_at=stall_at, marker=str(root / "stalled"))
@@ -69,6 +78,7 @@ def job_config(
             "callbacks": [
                 {"class_path": "lightning_dpmot.callbacks.OTCouplingCallback", "init_args": ot or {}},
                 {"class_path": "recorder.Recorder", "init_args": recorder},
+                {"class_path": "lightning_dpmot.callbacks.GracefulShutdown", "init_args": {"requeue": requeue}},
                 {
                     "class_path": "lightning_dpmot.callbacks.LastCheckpoint",
                     "init_args": {"save_last": True, "save_top_k": 0, "last_every_n_steps": 4},

@@ -1,7 +1,8 @@
 """`dpmot fit` as a 2-node SLURM job (sbatch + srun, Lightning's SLURM environment, gloo), for real.
 
 1. The global OT assignment and the loss of the 2-node job are those of one process over the same global batch.
-2. Preemption: ``scancel --signal=USR1`` mid-epoch → last.ckpt at the batch boundary → ``scontrol requeue`` → the job
+2. Preemption: ``scancel --signal=USR1`` mid-epoch → last.ckpt at the batch boundary → ``scontrol requeue`` (by
+   dpmot's rank 0, or by the batch script from the host after exit status 138, as in a container) → the job
    restarts (same id, same log directory, ``--ckpt_path last``) → final weights and Adam moments bit-identical to the
    uninterrupted job; with the OT callback coupling each batch and with AOT's pool (the pool's position resumes).
 All four jobs are submitted at once (``--oversubscribe``) so the requeue wait overlaps the other jobs' training.
@@ -27,6 +28,8 @@ SBATCH = REPO / "experiments" / "cluster" / "native.sbatch"
 FRAGMENT = REPO / "configs" / "cluster" / "slurm.yaml"
 STEPS, STALL_AT = 10, 5  # digits: 1617 training images, global batch 32 → 50 steps per epoch: step 5 is mid-epoch
 OT_MODES = {"batch": {}, "pool": {"pool_size": 48}}  # pool: 48 per rank = 3 steps, so step 5 is inside a pool
+# who requeues the preempted job: dpmot's rank 0 (native) or the batch script from the host (as for containers)
+REQUEUE_BY = {"batch": "dpmot", "pool": "host"}
 
 
 def submit(root: Path, config: Path) -> str:
@@ -34,6 +37,7 @@ def submit(root: Path, config: Path) -> str:
     cmd = ["sbatch", "--parsable", "--oversubscribe", "--job-name", root.name, "-D", str(root), "-o", str(log)]
     cmd += [str(SBATCH), "--config", str(config), "--config", str(FRAGMENT)]
     env = job_env(DPMOT_MASTER_ADDR="127.0.0.1", DPMOT_CLUSTER_LIB=str(REPO / "experiments/cluster/common.sh"))
+    env["DPMOT_RUN_ROOT"] = str(root)  # where the requeue marker goes
     out = run(cmd, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
@@ -50,7 +54,8 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]
         for kind in ("whole", "preempted"):
             root = base / f"{mode}-{kind}"
             stall = STALL_AT if kind == "preempted" else None
-            config = job_config(root, root / "record", max_steps=STEPS, stall_at=stall, ot=ot)
+            requeue = REQUEUE_BY[mode] == "dpmot"
+            config = job_config(root, root / "record", max_steps=STEPS, stall_at=stall, ot=ot, requeue=requeue)
             submitted[f"{mode}-{kind}"] = (submit(root, config), root)
     try:
         for mode in OT_MODES:
@@ -115,7 +120,13 @@ def test_preempted_job_requeues_and_ends_bit_identical(jobs: dict[str, tuple[str
     log = (root / "slurm.out").read_text()
     assert job_field(job, "Restarts") == "1", log[-3000:]
     assert f"interrupted by SIGUSR1 at step {STALL_AT}" in log, log[-3000:]
-    assert f"scontrol requeue {job}" in log or f"requeued SLURM job {job}" in log, log[-3000:]
+    if REQUEUE_BY[mode] == "dpmot":
+        assert f"scontrol requeue {job}" in log or f"requeued SLURM job {job}" in log, log[-3000:]
+    else:  # exit status 138 → experiments/cluster/common.sh requeued the job from the host
+        assert "requeue left to the batch script" in log, log[-3000:]
+        assert f"asked the batch script to requeue the job ({root}/.dpmot-requeue-{job})" in log, log[-3000:]
+        assert f"requeueing job {job} from the host" in log, log[-3000:]
+        assert not (root / f".dpmot-requeue-{job}").exists()
     assert "start 2 (restarts so far: 1)" in log, log[-3000:]
     assert f"Restoring states from the checkpoint path at {root}" in log, log[-3000:]
     # one log directory for both starts of the job

@@ -31,7 +31,7 @@ RUN python3 -m venv --system-site-packages /opt/dpmot && \
 FROM ${BASE}
 ARG BAKE_INCEPTION=0
 ENV PATH=/opt/dpmot/bin:${PATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    TORCH_HOME=/opt/torch HF_HOME=/opt/hf WANDB_DIR=/workspace/runs MPLCONFIGDIR=/tmp/matplotlib
+    TORCH_HOME=/opt/torch HF_HOME=/opt/hf WANDB_DIR=/workspace/runs
 COPY --from=build /opt/dpmot /opt/dpmot
 WORKDIR /workspace
 COPY configs configs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -108,6 +109,36 @@ def job_config(
     return path
 
 
+def semidiscrete_config(root: Path, record: Path, *, max_steps: int, stall_at: int | None = None) -> Path:
+    """configs/dpm_ot/digits_fit.yaml (DPM-OT's semi-discrete OT fit, one OT iteration per step) as a DDP job."""
+    config = yaml.safe_load((REPO / "configs" / "dpm_ot" / "digits_fit.yaml").read_text())
+    recorder: dict[str, Any] = {"out": str(record)}
+    if stall_at is not None:
+        recorder.update(stall_at=stall_at, marker=str(root / "stalled"))
+    config["num_threads"] = 1
+    config["trainer"].update(
+        strategy="ddp",
+        devices=None,
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=[
+            {"class_path": "recorder.Recorder", "init_args": recorder},
+            {
+                "class_path": "lightning_dpmot.callbacks.LastCheckpoint",
+                "init_args": {"save_last": True, "save_top_k": 0, "last_every_n_steps": 4},
+            },
+        ],
+    )
+    del config["trainer"]["devices"]  # from configs/cluster/slurm.yaml
+    config["model"]["init_args"]["eval_every"] = 1000
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
 
@@ -145,15 +176,37 @@ def wait_job(job: str, states: tuple[str, ...], timeout: float, log: Path | None
     raise AssertionError(f"job {job} is {state}, expected one of {states} within {timeout} s\n{text}")
 
 
-def final_state(root: Path) -> dict[str, torch.Tensor]:
-    """The weights (and EMA, optimizer moments) of the run's last.ckpt, flattened to name → tensor."""
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    elif isinstance(value, (list, tuple)) and any(isinstance(v, (dict, torch.Tensor)) for v in value):
+        for i, item in enumerate(value):
+            _flatten(f"{prefix}.{i}", item, out)
+    else:
+        out[prefix] = value
+
+
+def final_state(root: Path) -> dict[str, Any]:
+    """The run's last.ckpt: weights (and extra state), optimizer states and step, flattened to name → value."""
     (path,) = sorted(root.rglob("last.ckpt"))
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    flat = {f"model.{k}": v for k, v in checkpoint["state_dict"].items()}
-    for i, state in enumerate(checkpoint["optimizer_states"]):
-        for pid, moments in state["state"].items():
-            for name, value in moments.items():
-                if isinstance(value, torch.Tensor):
-                    flat[f"optimizer{i}.{pid}.{name}"] = value
-    flat["global_step"] = torch.tensor(checkpoint["global_step"])
+    flat: dict[str, Any] = {}
+    _flatten("model", checkpoint["state_dict"], flat)
+    _flatten("optimizer", checkpoint["optimizer_states"], flat)
+    flat["global_step"] = checkpoint["global_step"]
     return flat
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-identical tensors (dtype, shape, values), or equal plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for rendezvous of the torchrun tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -27,25 +27,28 @@ class Recorder(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        x = batch["x"]
-        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in pl_module.state_dict().items()}
         self._record = {
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "batch_idx": batch_idx,
             "world_size": trainer.world_size,
-            "x": x.detach().clone(),
-            "label": batch["label"].detach().clone() if "label" in batch else None,
-            "drawn": pl_module.draw_noise(x, batch_idx),
-            "used": batch["noise"].detach().clone() if "noise" in batch else None,
             "state": state if trainer.is_global_zero else None,
         }
+        if isinstance(batch, dict) and "x" in batch and hasattr(pl_module, "draw_noise"):  # diffusion training
+            x = batch["x"]
+            self._record.update(
+                x=x.detach().clone(),
+                label=batch["label"].detach().clone() if "label" in batch else None,
+                drawn=pl_module.draw_noise(x, batch_idx),
+                used=batch["noise"].detach().clone() if "noise" in batch else None,
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._record["loss"] = loss.detach().clone()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._record["loss"] = loss.detach().clone() if isinstance(loss, torch.Tensor) else None
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(self._record, self.out / f"rank{trainer.global_rank}-step{self._record['global_step']}.pt")
         if self.stall_at is None or trainer.global_step != self.stall_at or self.marker is None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import need, run
+from cluster_utils import free_port, need, run
 
 pytestmark = pytest.mark.cluster
 
@@ -53,12 +52,6 @@ def test_image_runs_dpmot_fit_as_a_non_root_user(image: str, tmp_path: Path) -> 
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
     assert ckpt.stat().st_uid == 1000  # written by the image's non-root user
     assert (ckpt.parent.parent / "samples" / "final.png").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_containers_train_as_two_torchrun_nodes(image: str, tmp_path: Path) -> None:

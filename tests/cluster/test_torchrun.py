@@ -4,24 +4,17 @@ Lightning (``num_nodes`` = nnodes, ``devices`` = nproc_per_node), and the OT cal
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import REPO, job_config, job_env, need
+from cluster_utils import REPO, free_port, job_config, job_env, need
 from scipy.optimize import linear_sum_assignment
 
 pytestmark = pytest.mark.cluster
 SCRIPT = REPO / "experiments" / "cluster" / "torchrun_node.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d-elastic"])

@@ -30,6 +30,7 @@ FRAGMENTS = {
     "text2img/clip_guidance.yaml": ("text2img/shapes.yaml", "predict"),
     "cluster/bf16.yaml": ("quickstart.yaml", "fit"),
     "cluster/slurm.yaml": ("quickstart.yaml", "fit"),
+    "cluster/ddp.yaml": ("quickstart.yaml", "fit"),
     "loggers/wandb_slurm.yaml": ("quickstart.yaml", "fit"),
 }
 # configs run by another subcommand than fit, and what builds their inputs (checkpoints) in tmp_path
@@ -146,10 +147,13 @@ INPUTS = {
 def fast_overrides(name: str, tmp_path: Path, fake_cifar: Path) -> list[str]:
     """Make a config cheap enough for one CPU step without changing what it composes."""
     cfg = yaml.safe_load((REPO / "configs" / (FRAGMENTS[name][0] if name in FRAGMENTS else name)).read_text())
-    args = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+    args = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
     fragment = yaml.safe_load((REPO / "configs" / name).read_text()) if name in FRAGMENTS else {}
-    if "precision" not in (fragment.get("trainer") or {}):  # a precision fragment (cluster/bf16.yaml) runs as given
+    # a fragment's own precision (cluster/bf16.yaml) or strategy (cluster/ddp.yaml: one gloo rank) runs as given
+    if "precision" not in (fragment.get("trainer") or {}):
         args.append("--trainer.precision=32")
+    if "strategy" not in (fragment.get("trainer") or {}):
+        args.append("--trainer.strategy=auto")
     data_cls = cfg.get("data", {}).get("class_path", "")
     if data_cls.endswith("CIFAR10DataModule"):
         args += [

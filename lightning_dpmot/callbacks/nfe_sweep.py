@@ -213,6 +213,7 @@ class NFESweep(L.Callback):
             train, train_nn = self.train_images(trainer, first_images.device)
             report = copy_rate(first_images, train, self.copy_threshold, train_nn_dist=train_nn)
             row.update(copy_rate=report.rate, copy_ratio_median=report.quantiles.get(0.5, float("nan")))
+            row.update(copy_rate_nn2=report.rate_second_nn)  # Gu et al. 2023: nearest / second-nearest < 1/3
         return row
 
     def train_images(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:

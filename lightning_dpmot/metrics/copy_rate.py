@@ -8,6 +8,13 @@ the distance to the nearest training image divided by that image's own nearest-n
 training set (excluding itself). ``r < 1/3`` means the sample sits three times closer to a training image than
 any other training image does: a copy. The copy rate is the share of samples with ``r < threshold``.
 
+Gu et al. (2023, "On Memorization in Diffusion Models") use another ratio, reported beside it: the sample's distance
+to its nearest training image over its distance to the second nearest,
+
+    r2(x) = ||x - NN1_train(x)|| / ||x - NN2_train(x)||,
+
+also with the threshold 1/3. Both come from one k = 2 search of the samples against the training set.
+
 All distances are Euclidean, fp32, on the device of the queries. The search is blocked over queries and
 references (running top-k), so a 50k x 50k x 3072 search never holds more than ``chunk_size x chunk_size``
 distances. Blocks use ``||a||^2 + ||b||^2 - 2<a, b>`` (one GEMM, clamped at 0) to rank candidates; the
@@ -161,6 +168,9 @@ class CopyReport:
         nn_index: (M,) index of each sample's nearest training point (names the copied image).
         nn_dist: (M,) distance to that training point.
         quantiles: ``{q: quantile of ratios}``.
+        second_nn_ratios: (M,) Gu et al.'s ratio (nearest over second-nearest training distance; 0/0 := 0); NaN
+            when the training set has a single point.
+        rate_second_nn: share of samples with ``second_nn_ratios < threshold`` (Gu et al.'s memorisation rate).
     """
 
     rate: float
@@ -169,6 +179,8 @@ class CopyReport:
     nn_index: Tensor
     nn_dist: Tensor
     quantiles: dict[float, float]
+    second_nn_ratios: Tensor
+    rate_second_nn: float
 
     def copied_indices(self) -> Tensor:
         """Sorted unique training indices that at least one sample copies."""
@@ -226,9 +238,10 @@ def copy_rate(
         train_nn_dist = self_nearest_distance(train, chunk_size)
     elif train_nn_dist.shape != (len(train),):
         raise ValueError(f"train_nn_dist must have shape ({len(train)},), got {tuple(train_nn_dist.shape)}")
-    dist, idx = nearest_neighbors(samples, train, k=1, chunk_size=chunk_size)
+    dist, idx = nearest_neighbors(samples, train, k=min(2, len(train)), chunk_size=chunk_size)
     nn_dist, nn_index = dist[:, 0], idx[:, 0]
     ratios = copy_ratios(nn_dist, train_nn_dist.to(nn_dist.device, torch.float32)[nn_index])
+    second = copy_ratios(nn_dist, dist[:, 1]) if dist.shape[1] == 2 else torch.full_like(nn_dist, float("nan"))
     return CopyReport(
         rate=(ratios < threshold).double().mean().item(),
         threshold=float(threshold),
@@ -236,4 +249,6 @@ def copy_rate(
         nn_index=nn_index,
         nn_dist=nn_dist,
         quantiles=ratio_quantiles(ratios, quantiles),
+        second_nn_ratios=second,
+        rate_second_nn=(second < threshold).double().mean().item() if dist.shape[1] == 2 else float("nan"),
     )

@@ -63,6 +63,7 @@ def test_sweep_writes_table_plot_and_curvature(tmp_path: Path) -> None:
         assert 0 <= float(r["mmr@0.1"]) <= 1 and float(r["mmr@0.4"]) <= float(r["mmr@0.1"])
         assert r["seeds"] == "0-95"
         assert 0 <= float(r["copy_rate"]) <= 1 and float(r["copy_ratio_median"]) > 0
+        assert 0 <= float(r["copy_rate_nn2"]) <= 1
     assert (out / "fid_vs_nfe.png").stat().st_size > 1000
     curv = json.loads((out / "curvature.json").read_text())
     assert curv["curvature"] > 0 and curv["num_samples"] == 4

@@ -92,3 +92,17 @@ def test_bad_inputs_raise_clear_errors() -> None:
         copy_rate(torch.zeros(2, 3), torch.randn(5, 3), train_nn_dist=torch.ones(4))
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         nearest_neighbors(torch.zeros(2, 3), torch.zeros(5, 3), chunk_size=0)
+
+
+def test_second_nearest_ratio_of_gu_et_al() -> None:
+    """r2(x) = ||x - NN1|| / ||x - NN2||, checked on points of a line where both distances are known."""
+    train = torch.tensor([[0.0], [10.0], [30.0]])
+    samples = torch.tensor([[1.0], [4.0], [10.0], [19.0], [29.0]])
+    report = copy_rate(samples, train)
+    expected = torch.tensor([1 / 9, 4 / 6, 0.0, 9 / 11, 1 / 19])
+    torch.testing.assert_close(report.second_nn_ratios, expected)
+    assert report.rate_second_nn == 3 / 5  # 1/9, 0 and 1/19 are below 1/3
+    # the train-NN ratio differs: the NN distances of 0, 10, 30 inside train are 10, 10, 20
+    torch.testing.assert_close(report.ratios, torch.tensor([1 / 10, 4 / 10, 0.0, 9 / 10, 1 / 20]))
+    assert report.rate == 3 / 5
+    assert torch.isnan(copy_rate(samples, train[:1], train_nn_dist=torch.ones(1)).second_nn_ratios).all()

@@ -3,10 +3,16 @@
 from lightning_dpmot.sampling.samplers import (
     SampleResult,
     ancestral_step,
+    dpmpp_multistep_step,
+    sample_dpmpp_2m,
+    sample_dpmpp_3m,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_heun_stochastic,
+    sample_unipc,
+    unipc_coefficients,
+    unipc_step,
 )
 from lightning_dpmot.sampling.schedules import karras_sigmas
 from lightning_dpmot.sampling.spec import SAMPLER_NAMES, SamplerSpec, run_sampler
@@ -16,10 +22,16 @@ __all__ = [
     "SampleResult",
     "SamplerSpec",
     "ancestral_step",
+    "dpmpp_multistep_step",
     "karras_sigmas",
     "run_sampler",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
     "sample_heun_stochastic",
+    "sample_unipc",
+    "unipc_coefficients",
+    "unipc_step",
 ]

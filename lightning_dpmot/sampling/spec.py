@@ -18,13 +18,17 @@ from lightning_dpmot.sampling.samplers import (
     NoiseSource,
     SampleResult,
     StepCallback,
+    UniPCVariant,
+    sample_dpmpp_2m,
+    sample_dpmpp_3m,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_heun_stochastic,
+    sample_unipc,
 )
 
-SamplerName = Literal["heun", "euler", "stochastic", "ddim", "ddpm"]
+SamplerName = Literal["heun", "euler", "stochastic", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "unipc"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 _SECOND_ORDER = ("heun", "stochastic")
 
@@ -35,7 +39,8 @@ class SamplerSpec:
 
     Args:
         name: "heun" (EDM Alg. 1, NFE = 2N - 1), "euler" (NFE = N), "stochastic" (EDM Alg. 2 with S_churn...,
-            NFE = 2N - 1), "ddim" (eta-DDIM, NFE = N), "ddpm" (ancestral, eta = 1, NFE = N).
+            NFE = 2N - 1), "ddim" (eta-DDIM, NFE = N), "ddpm" (ancestral, eta = 1, NFE = N), "dpmpp_2m" /
+            "dpmpp_3m" (DPM-Solver++(2M) / (3M), deterministic, NFE = N), "unipc" (UniPC, NFE = N).
         num_steps: N, the number of noise levels before the final 0.
         schedule: "karras" (EDM's rho-schedule between sigma_min and sigma_max) or "timesteps" (a discrete
             model's own levels, uniformly spaced timesteps as in DDIM).
@@ -44,6 +49,8 @@ class SamplerSpec:
         sigma_max: starting level (None: the model's default; DPM-OT starts lower, at its junction level).
         eta: DDIM stochasticity (ddim only).
         S_churn: EDM churn (stochastic only); S_min, S_max: churn window; S_noise: noise inflation.
+        order: UniPC's predictor order 1..3 (unipc only; with the corrector the method has order + 1).
+        variant: UniPC's B(h): "bh1" (B = h) or "bh2" (B = e^h - 1, better at few steps) (unipc only).
     """
 
     name: SamplerName = "heun"
@@ -57,12 +64,18 @@ class SamplerSpec:
     S_min: float = 0.0
     S_max: float = float("inf")
     S_noise: float = 1.0
+    order: int = 2
+    variant: UniPCVariant = "bh2"
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {self.name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {self.order}")
+        if self.variant not in ("bh1", "bh2"):
+            raise ValueError(f"variant must be 'bh1' or 'bh2', got {self.variant!r}")
 
     @property
     def nfe(self) -> int:
@@ -80,10 +93,11 @@ class SamplerSpec:
 
     @property
     def tag(self) -> str:
-        """Short name for logs and tables, e.g. ``heun-karras-rho7``."""
+        """Short name for logs and tables, e.g. ``heun-karras-rho7``, ``unipc2-bh2-karras-rho7``."""
+        name = f"unipc{self.order}-{self.variant}" if self.name == "unipc" else self.name
         if self.schedule == "karras":
-            return f"{self.name}-karras-rho{self.rho:g}"
-        return f"{self.name}-{self.schedule}"
+            return f"{name}-karras-rho{self.rho:g}"
+        return f"{name}-{self.schedule}"
 
 
 def run_sampler(
@@ -105,6 +119,12 @@ def run_sampler(
         return sample_heun(denoiser, x, sigmas, **kwargs)
     if spec.name == "euler":
         return sample_euler(denoiser, x, sigmas, **kwargs)
+    if spec.name == "dpmpp_2m":
+        return sample_dpmpp_2m(denoiser, x, sigmas, **kwargs)
+    if spec.name == "dpmpp_3m":
+        return sample_dpmpp_3m(denoiser, x, sigmas, **kwargs)
+    if spec.name == "unipc":
+        return sample_unipc(denoiser, x, sigmas, order=spec.order, variant=spec.variant, **kwargs)
     if spec.name == "stochastic":
         return sample_heun_stochastic(
             denoiser,

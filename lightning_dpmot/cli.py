@@ -443,7 +443,7 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveConfigToLoggers,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "prog": "dpmot"},
             auto_configure_optimizers=False,
             args=args,
             run=run,

@@ -278,3 +278,33 @@ def test_a_resumed_job_may_reuse_its_log_directory_with_the_identical_config(
     assert code == 2 and len(lines) == 1, err
     assert "FileExistsError" in lines[0] and "already exists" in lines[0]
     assert (tmp_path / "out" / "config.yaml").read_text() == saved
+
+
+def test_abbreviated_flags_are_rejected_and_help_says_dpmot(tmp_path: Path) -> None:
+    """``--trainer.max_step`` is not silently taken as ``max_steps`` (argparse prefix matching is off), and
+    ``python -m lightning_dpmot --help`` calls the program ``dpmot``."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = str(tiny_config(tmp_path))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_dpmot",
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_step",
+            "3",
+            "--print_config",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 2 and "unrecognized arguments: --trainer.max_step 3" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "lightning_dpmot", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("usage: dpmot "), out.stdout[:200]

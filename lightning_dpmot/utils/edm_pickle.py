@@ -131,12 +131,26 @@ ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class EDMUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only :data:`ALLOWED` globals; ``label`` names the file in errors."""
+class EDMUnpickler(pickle._Unpickler):  # the Python implementation: its BUILD opcode can be restricted
+    """Unpickler that resolves only :data:`ALLOWED` globals and BUILDs only the inert stand-ins (no ``setattr`` on
+    an allowed function or class); ``label`` names the file in errors."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: Any, label: str) -> None:
         super().__init__(file)
         self.label = label
+
+    def load_build(self) -> None:
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if not isinstance(target, (PlainModule, EasyDict)):
+            raise CheckpointError(
+                f"refusing to load {self.label}: it sets the state of a {type(target).__name__} (only torch.nn "
+                "containers and EasyDicts take a state in an EDM network pickle)"
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -179,7 +193,16 @@ def load_edm_pickle(path: str | os.PathLike[str], sha256: str | None = None) -> 
             data = EDMUnpickler(f, str(path)).load()
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RuntimeError,
+    ) as err:
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(f"EDM pickle {path} is not readable ({type(err).__name__}: {detail})") from err
     if not isinstance(data, dict):

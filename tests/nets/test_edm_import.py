@@ -248,6 +248,17 @@ def test_malicious_pickle_is_refused(payload: str, tmp_path: Path, capsys: pytes
     assert not marker.exists() and not (tmp_path / "out.ckpt").exists()
 
 
+def test_build_on_an_allowed_global_is_refused(tmp_path: Path) -> None:
+    """BUILD with a state dict would setattr on the allowed rebuild function itself (state that outlives the load)."""
+    from lightning_dpmot.utils import edm_pickle
+
+    pkl = tmp_path / "build.pkl"
+    pkl.write_bytes(b"ctorch._utils\n_rebuild_tensor_v2\n(dS'pwned'\nI1\nsb.")
+    with pytest.raises(CheckpointError, match="refusing to load .*build.pkl: it sets the state of a function"):
+        load_edm_pickle(pkl)
+    assert not hasattr(edm_pickle.ALLOWED[("torch._utils", "_rebuild_tensor_v2")], "pwned")
+
+
 def test_converted_checkpoint_runs_dpmot_predict(tmp_path: Path, fake_edm: Any) -> None:
     import yaml
 

@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"wrote {args.output}: EDMModule + DDPMppUNet ({hp['net']['init_args']['embedding_type']}), "
         f"data_shape {tuple(hp['data_shape'])}, {hp['num_classes']} classes, {count:,} parameters"
     )
+    if not hp["class_conditional"] and not hp["num_classes"]:
+        print("note: an unconditional net used with a labelled data module needs --num_classes (CIFAR-10: 10)")
     return 0
 
 

@@ -37,6 +37,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
@@ -464,6 +465,14 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
         print(
             f"dpmot: error: {type(err).__name__}: {_one_line(err)} (DPMOT_DEBUG=1 shows the traceback)", file=sys.stderr
         )
+        raise SystemExit(2) from err
+    except MisconfigurationException as err:  # e.g. a GPU config on a machine without one
+        if debug:
+            raise
+        hint = ""
+        if "gpu" in str(err).lower() or "cuda" in str(err).lower():
+            hint = f"; this machine has no usable GPU (torch {torch.__version__}): use --trainer.accelerator cpu"
+        print(f"dpmot: error: trainer configuration: {_one_line(err)}{hint}", file=sys.stderr)
         raise SystemExit(2) from err
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -308,3 +308,13 @@ def test_abbreviated_flags_are_rejected_and_help_says_dpmot(tmp_path: Path) -> N
     assert out.returncode == 2 and "unrecognized arguments: --trainer.max_step 3" in out.stderr, out.stderr[-2000:]
     out = subprocess.run([sys.executable, "-m", "lightning_dpmot", "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.startswith("usage: dpmot "), out.stdout[:200]
+
+
+def test_gpu_config_on_a_machine_without_gpu_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["fit", "--config", str(tiny_config(tmp_path)), "--trainer.accelerator=gpu"]
+    code, lines, err = run_main(args, capsys)
+    assert code == 2 and len(lines) == 1, err
+    assert "No supported gpu backend found" in lines[0] and "--trainer.accelerator cpu" in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing was created

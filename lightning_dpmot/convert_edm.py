@@ -17,7 +17,10 @@ from lightning_dpmot.utils.checkpoint_io import CheckpointError, atomic_save
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the converter; returns the exit status (0 ok, 1 a one-line error on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_dpmot.convert_edm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_dpmot.convert_edm",
+        description="Convert an NVlabs/edm network pickle into a dpmot checkpoint (no code from the pickle runs).",
+    )
     parser.add_argument("pickle", help="EDM network pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl")
     parser.add_argument("output", help="Lightning checkpoint to write")
     parser.add_argument("--sha256", default=None, help="expected SHA-256 of the pickle (hex)")

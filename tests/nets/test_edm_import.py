@@ -321,6 +321,26 @@ def test_sha256_mismatch_missing_key_and_non_edm_pickle(tmp_path: Path, fake_edm
         load_edm_pickle(garbage)
 
 
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ({"class_name": "VPPrecond", "model_class": "SongUNet"}, "'VPPrecond' is not supported"),
+        ({"class_name": "EDMPrecond", "model_class": "DhariwalUNet"}, "'DhariwalUNet' is not supported"),
+        (
+            {"class_name": "EDMPrecond", "model_class": "SongUNet", "model_init_kwargs": {"decoder_type": "skip"}},
+            "decoder_type 'skip' is not supported",
+        ),
+        ({"class_name": "EDMPrecond", "model_class": "SongUNet", "label_dim": 10, "num_classes": 5}, "label_dim=10"),
+    ],
+)
+def test_unsupported_edm_networks_are_named(info: dict[str, Any], message: str) -> None:
+    from lightning_dpmot.nets.edm_import import project_config
+
+    num_classes = info.pop("num_classes", None)
+    with pytest.raises(CheckpointError, match=message):
+        project_config(info, num_classes)
+
+
 def test_ddpmpp_with_edm_cifar10_settings_has_edm_parameter_count() -> None:
     net = DDPMppUNet(
         (3, 32, 32), model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], augment_dim=9

@@ -233,7 +233,10 @@ def dpmpp_multistep_step(
     ``lambdas[-1] = -log(sigma)``; the order is k. With D(lambda) ~ D_0 + u D1 / h + u^2 D2 / h^2 (u = lambda -
     lambda_0; D1, D2 from divided differences) the integral gives, with phi_1 = e^{-h} - 1,
     phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2:
-        x_t = (sigma_t / sigma_s) x - phi_1 D_0 + phi_2 D1 - 2 phi_3 D2.
+        x_t = (sigma_t / sigma_s) x - phi_1 D_0 + phi_2 D1 - 2 phi_3 D2,
+    the exact integral of the interpolating quadratic (order 3). DPM-Solver's ``multistep_dpm_solver_third_update``,
+    k-diffusion's ``sample_dpmpp_3m_sde`` and diffusers weight D2 by -phi_3, half of that; with it the method
+    converges with order 2 only (tests/sampling/test_multistep_solvers.py measures both).
     """
     h = -sigma_next.log() - lambdas[-1]
     phi_1 = torch.expm1(-h)

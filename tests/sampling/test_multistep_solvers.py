@@ -192,3 +192,22 @@ def test_deterministic_and_batch_shapes(name: str) -> None:
     assert torch.equal(a, b)  # same input -> bit-identical output
     alone = torch.cat([run_sampler(spec, net, x[i : i + 1], sigmas).x for i in range(4)])
     assert torch.allclose(a, alone, atol=1e-5)  # each sample is solved on its own
+
+
+def test_reference_codes_half_weight_on_d2_is_only_second_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPM-Solver / k-diffusion / diffusers weight D2 by -phi_3 instead of -2 phi_3: the ratio falls to ~4."""
+    import lightning_dpmot.sampling.samplers as samplers
+
+    def half_weight_step(x, sigma, sigma_next, lambdas, Ds):
+        full = dpmpp_multistep_step(x, sigma, sigma_next, lambdas, Ds)
+        if len(Ds) < 3:
+            return full
+        h = -sigma_next.log() - lambdas[-1]
+        phi_3 = (torch.expm1(-h) / h + 1) / h - 0.5
+        r0, r1 = (lambdas[-1] - lambdas[-2]) / h, (lambdas[-2] - lambdas[-3]) / h
+        D2 = ((Ds[-1] - Ds[-2]) / r0 - (Ds[-2] - Ds[-3]) / r1) / (r0 + r1)
+        return full + phi_3 * D2  # -2 phi_3 D2 + phi_3 D2 = -phi_3 D2
+
+    monkeypatch.setattr(samplers, "dpmpp_multistep_step", half_weight_step)
+    errors = [final_error(sample_dpmpp_3m, n) for n in (80, 160, 320)]
+    assert all(2.5 < coarse / fine < 4.5 for coarse, fine in zip(errors, errors[1:])), errors

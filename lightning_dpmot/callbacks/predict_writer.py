@@ -1,4 +1,5 @@
-"""Write ``dpmot predict`` results: one PNG per sample (named by seed) and one ``samples.npz``."""
+"""Write ``dpmot predict`` results: one PNG per sample (named by seed), ``grid.png`` of the first 100 (enlarged to a
+readable size) and one ``samples.npz``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_dpmot.errors import NonFiniteError
-from lightning_dpmot.utils.images import save_png, save_scatter, to_uint8
+from lightning_dpmot.utils.images import save_grid, save_png, save_scatter, to_uint8
+
+#: samples shown in ``grid.png`` (the first by seed)
+GRID_SAMPLES = 100
 
 
 class SampleWriter(BasePredictionWriter):
@@ -146,6 +150,9 @@ class SampleWriter(BasePredictionWriter):
                 arrays[key] = (value[torch.from_numpy(first)] if len(value) == per_sample else value).numpy()
         if x.ndim == 4:
             arrays["images"] = rearrange(to_uint8(x), "n c h w -> n h w c").numpy()
+            shown = min(len(x), GRID_SAMPLES)  # one readable picture beside the individual PNGs
+            title = f"seeds {seeds[0]}-{seeds[shown - 1]} of {len(seeds)} samples, NFE {int(arrays['nfe'])}"
+            save_grid(x[:shown], self.output_dir / "grid.png", title=title)
         else:
             save_scatter(x[:, :2], self.output_dir / "scatter.png", title=f"{len(seeds)} samples")
         path = self.output_dir / "samples.npz"

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_dpmot.models.generation import GenerativeModule
 from lightning_dpmot.sampling.spec import SamplerSpec
-from lightning_dpmot.utils.images import make_grid, save_captioned_grid, save_png, save_scatter
+from lightning_dpmot.utils.images import save_captioned_grid, save_grid, save_scatter
 
 
 class SampleGrid(L.Callback):
@@ -87,11 +87,11 @@ class SampleGrid(L.Callback):
             save_captioned_grid(result.x, list(prompts), path, title=title)
             if name is None:
                 save_captioned_grid(result.x, list(prompts), out_dir / "latest.png", title=title)
-        elif result.x.ndim == 4:
-            grid = make_grid(result.x)
-            save_png(grid, path)
+        elif result.x.ndim == 4:  # enlarged to a readable size, with the step and NFE written above
+            title = f"step {trainer.global_step}, NFE {result.nfe}"
+            save_grid(result.x, path, title=title)
             if name is None:
-                save_png(grid, out_dir / "latest.png")
+                save_grid(result.x, out_dir / "latest.png", title=title)
         else:
             save_scatter(result.x[:, :2], path, title=f"step {trainer.global_step}, NFE {result.nfe}")
             if name is None:

@@ -62,6 +62,35 @@ def save_png(x: Tensor, path: str | Path) -> Path:
     return path
 
 
+def upscale_nearest(x: Tensor, min_size: int = 512, max_factor: int = 16) -> Tensor:
+    """Enlarge an image (C, H, W) by the smallest integer factor that makes its longer side >= ``min_size`` (at most
+    ``max_factor``), repeating pixels (nearest neighbour: no blur, every generated pixel stays visible)."""
+    factor = max(1, min(max_factor, math.ceil(min_size / max(x.shape[-2:]))))
+    return x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def save_grid(x: Tensor, path: str | Path, title: str = "", nrow: int | None = None, min_size: int = 512) -> Path:
+    """Images x (B, C, H, W) in [-1, 1] as one readable PNG: a grid (:func:`make_grid`) enlarged by
+    :func:`upscale_nearest` to at least ``min_size`` pixels, with ``title`` on a white strip above it."""
+    from PIL import ImageDraw, ImageFont
+
+    grid = upscale_nearest(make_grid(x, nrow), min_size)
+    arr = rearrange(to_uint8(grid).cpu(), "c h w -> h w c").numpy()
+    image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
+    if title:
+        font = ImageFont.load_default(size=max(12, image.width // 40))
+        box = ImageDraw.Draw(image).textbbox((0, 0), title, font=font)
+        strip = box[3] - box[1] + 12
+        canvas = Image.new("RGB", (image.width, image.height + strip), "white")
+        canvas.paste(image, (0, strip))
+        ImageDraw.Draw(canvas).text((6, 6 - box[1]), title, fill="black", font=font)
+        image = canvas
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
 def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None, title: str = "") -> Path:
     """Scatter plot of 2-D samples (N, 2), optionally over reference data, as PNG."""
     import matplotlib

@@ -116,7 +116,7 @@ def predict(tmp_path: Path, bad: set[int]) -> Path:
 
 def test_sample_writer_writes_finite_samples(tmp_path: Path) -> None:
     out = predict(tmp_path, set())
-    assert len(list(out.glob("*.png"))) == 10 and len(np.load(out / "samples.npz")["x"]) == 10
+    assert len(list(out.glob("0*.png"))) == 10 and len(np.load(out / "samples.npz")["x"]) == 10
 
 
 def test_sample_writer_refuses_nonfinite_samples(tmp_path: Path) -> None:

@@ -44,7 +44,12 @@ def test_grids_during_training_and_final_grid_uses_ema(tmp_path: Path) -> None:
     names = sorted(p.name for p in samples_dir.glob("*.png"))
     assert names == ["final.png", "latest.png", "step=00000002.png", "step=00000004.png"]
     final = np.asarray(Image.open(samples_dir / "final.png"))
-    assert final.shape == (2 * 9 + 1, 2 * 9 + 1)
+    # the 19 x 19 px grid of 8 x 8 tiles, enlarged 16x (nearest neighbour) under a white caption strip
+    assert final.shape[1:] == (16 * 19, 3) and final.shape[0] > 16 * 19
+    strip = final.shape[0] - 16 * 19
+    assert (final[: strip // 4] == 255).all() and (final[:strip] < 128).any()  # white strip with dark text
+    tiles = final[strip:, :, 0]
+    assert (tiles.reshape(19, 16, 19, 16) == tiles[::16, ::16][:, None, :, None]).all()  # 16 x 16 pixel blocks
     # after training the average copy (not the raw weights) is what ema_module hands out
     assert not ema.swapped_in and ema_module(trainer, model) is ema._average_model.module
     for p_model, p_ema in zip(model.parameters(), ema._average_model.module.parameters()):

@@ -131,7 +131,7 @@ def test_predict_writes_samples_with_the_labels_used(ckpts: dict[str, Path], tmp
     assert data["labels"].tolist() == expected.labels.tolist()
     assert data["target_index"].tolist() == expected.index.tolist()  # leakage analysis can name the cell
     assert data["target_id"].shape == (6,) and data["map_seconds"].shape == (2,)  # one timing per batch
-    assert len(list((tmp_path / "samples").glob("*.png"))) == 6
+    assert len(list((tmp_path / "samples").glob("0*.png"))) == 6 and (tmp_path / "samples" / "grid.png").is_file()
 
 
 def test_generated_targets_fit_from_a_diffusion_checkpoint(ckpts: dict[str, Path], tmp_path: Path) -> None:

@@ -117,7 +117,9 @@ def test_predict_writes_pngs_and_one_npz(tmp_path: Path) -> None:
     out = tmp_path / "samples"
     trainer(tmp_path, callbacks=[SampleWriter(str(out))]).predict(model, dm, return_predictions=False)
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == [f"{s:06d}.png" for s in range(100, 110)]
+    assert pngs == [f"{s:06d}.png" for s in range(100, 110)] + ["grid.png"]
+    grid = Image.open(out / "grid.png")  # 4 x 3 tiles of 8 px (37 x 28 px) enlarged 14x to >= 512 px, + a caption
+    assert grid.width == 14 * (4 * 9 + 1) and grid.height > 14 * (3 * 9 + 1)
     data = np.load(out / "samples.npz")
     assert data["x"].shape == (10, 1, 8, 8) and data["images"].shape == (10, 8, 8, 1)
     assert data["seeds"].tolist() == list(range(100, 110)) and data["labels"].tolist() == [

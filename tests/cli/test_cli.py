@@ -25,6 +25,7 @@ FRAGMENTS = {
     "loggers/wandb.yaml": ("quickstart.yaml", "fit"),
     "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test"),
     "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
+    "eval/solver_sweep.yaml": ("aot_edm/digits.yaml", "test"),
     "eval/shapes_text2img.yaml": ("text2img/shapes.yaml", "test"),
     "eval/unibench_gpu.yaml": ("text2img/webdataset_t5.yaml", "test"),
     "text2img/clip_guidance.yaml": ("text2img/shapes.yaml", "predict"),

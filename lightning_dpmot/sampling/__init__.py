@@ -1,18 +1,20 @@
 """Samplers with one signature, their noise-level schedules, and the shared sampler configuration."""
 
-from lightning_dpmot.sampling.samplers import (
-    SampleResult,
-    ancestral_step,
+from lightning_dpmot.sampling.multistep import (
     dpmpp_multistep_step,
     sample_dpmpp_2m,
     sample_dpmpp_3m,
+    sample_unipc,
+    unipc_coefficients,
+    unipc_step,
+)
+from lightning_dpmot.sampling.samplers import (
+    SampleResult,
+    ancestral_step,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_heun_stochastic,
-    sample_unipc,
-    unipc_coefficients,
-    unipc_step,
 )
 from lightning_dpmot.sampling.schedules import karras_sigmas
 from lightning_dpmot.sampling.spec import SAMPLER_NAMES, SamplerSpec, run_sampler

@@ -14,18 +14,20 @@ from torch import Tensor
 
 from lightning_dpmot.diffusion.conditioning import Cond
 from lightning_dpmot.diffusion.denoiser import Denoiser
+from lightning_dpmot.sampling.multistep import (
+    UniPCVariant,
+    sample_dpmpp_2m,
+    sample_dpmpp_3m,
+    sample_unipc,
+)
 from lightning_dpmot.sampling.samplers import (
     NoiseSource,
     SampleResult,
     StepCallback,
-    UniPCVariant,
-    sample_dpmpp_2m,
-    sample_dpmpp_3m,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_heun_stochastic,
-    sample_unipc,
 )
 
 SamplerName = Literal["heun", "euler", "stochastic", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "unipc"]

@@ -196,7 +196,7 @@ def test_deterministic_and_batch_shapes(name: str) -> None:
 
 def test_reference_codes_half_weight_on_d2_is_only_second_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """DPM-Solver / k-diffusion / diffusers weight D2 by -phi_3 instead of -2 phi_3: the ratio falls to ~4."""
-    import lightning_dpmot.sampling.samplers as samplers
+    import lightning_dpmot.sampling.multistep as samplers
 
     def half_weight_step(x, sigma, sigma_next, lambdas, Ds):
         full = dpmpp_multistep_step(x, sigma, sigma_next, lambdas, Ds)

@@ -11,6 +11,7 @@ from lightning_dpmot.sampling.multistep import (
 from lightning_dpmot.sampling.samplers import (
     SampleResult,
     ancestral_step,
+    sample_ddpm_ho,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -20,6 +21,7 @@ from lightning_dpmot.sampling.schedules import karras_sigmas
 from lightning_dpmot.sampling.spec import SAMPLER_NAMES, SamplerSpec, run_sampler
 
 __all__ = [
+    "sample_ddpm_ho",
     "SAMPLER_NAMES",
     "SampleResult",
     "SamplerSpec",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -204,5 +204,42 @@ def sample_euler_ancestral(
         x = denoised + sigma_down * (x_in - denoised) / sigma
         if sigma_up > 0:
             x = x + sigma_up * _randn_like(x, generator)
+        _emit(callback, i, x_in, x, sigma, sigma_next, denoised)
+    return SampleResult(x, D.nfe)
+
+
+@torch.no_grad()
+def sample_ddpm_ho(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    cond: Cond | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    variance: Literal["large", "small"] = "large",
+    clip_denoised: bool = True,
+) -> SampleResult:
+    """Ho et al. (2020)'s CIFAR-10 sampler: the posterior mean of q(x_{t-1} | x_t, x0) at x0 = clip(D, -1, 1) plus
+    noise of variance beta_t ("fixedlarge", as in hojonathanho/diffusion and ermongroup/ddim) or the posterior variance
+    ("small", = the "ddpm" sampler when unclipped). NFE = N.
+
+    Written in VP variables: alpha_bar = 1 / (1 + sigma^2), x_vp = sqrt(alpha_bar) x, beta_t = 1 - alpha_bar_t /
+    alpha_bar_{t-1};  mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0 + sqrt(1 - beta_t)
+    (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t;  no noise on the step to sigma = 0.
+    """
+    D, x, sigmas = _setup(denoiser, x, sigmas)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(D, x, sigma, cond)
+        x0 = denoised.clamp(-1.0, 1.0) if clip_denoised else denoised
+        a, a_next = 1.0 / (1.0 + sigma**2), 1.0 / (1.0 + sigma_next**2)
+        beta = 1.0 - a / a_next
+        mean = a_next.sqrt() * beta / (1.0 - a) * x0 + (1.0 - beta).sqrt() * (1.0 - a_next) / (1.0 - a) * (a.sqrt() * x)
+        x_in = x
+        if sigma_next > 0:
+            var = beta if variance == "large" else beta * (1.0 - a_next) / (1.0 - a)
+            mean = mean + var.sqrt() * _randn_like(x, generator)
+        x = mean / a_next.sqrt()
         _emit(callback, i, x_in, x, sigma, sigma_next, denoised)
     return SampleResult(x, D.nfe)

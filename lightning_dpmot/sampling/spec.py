@@ -24,13 +24,14 @@ from lightning_dpmot.sampling.samplers import (
     NoiseSource,
     SampleResult,
     StepCallback,
+    sample_ddpm_ho,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_heun_stochastic,
 )
 
-SamplerName = Literal["heun", "euler", "stochastic", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "unipc"]
+SamplerName = Literal["heun", "euler", "stochastic", "ddim", "ddpm", "ddpm_ho", "dpmpp_2m", "dpmpp_3m", "unipc"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 _SECOND_ORDER = ("heun", "stochastic")
 
@@ -41,7 +42,9 @@ class SamplerSpec:
 
     Args:
         name: "heun" (EDM Alg. 1, NFE = 2N - 1), "euler" (NFE = N), "stochastic" (EDM Alg. 2 with S_churn...,
-            NFE = 2N - 1), "ddim" (eta-DDIM, NFE = N), "ddpm" (ancestral, eta = 1, NFE = N), "dpmpp_2m" /
+            NFE = 2N - 1), "ddim" (eta-DDIM, NFE = N), "ddpm" (ancestral, eta = 1: posterior variance, no clipping,
+            NFE = N), "ddpm_ho" (Ho et al.'s CIFAR-10 sampler: variance beta_t and x0 clipped to [-1, 1], NFE = N),
+            "dpmpp_2m" /
             "dpmpp_3m" (DPM-Solver++(2M) / (3M), deterministic, NFE = N), "unipc" (UniPC, NFE = N).
         num_steps: N, the number of noise levels before the final 0.
         schedule: "karras" (EDM's rho-schedule between sigma_min and sigma_max) or "timesteps" (a discrete
@@ -127,6 +130,8 @@ def run_sampler(
         return sample_dpmpp_3m(denoiser, x, sigmas, **kwargs)
     if spec.name == "unipc":
         return sample_unipc(denoiser, x, sigmas, order=spec.order, variant=spec.variant, **kwargs)
+    if spec.name == "ddpm_ho":
+        return sample_ddpm_ho(denoiser, x, sigmas, **kwargs)
     if spec.name == "stochastic":
         return sample_heun_stochastic(
             denoiser,

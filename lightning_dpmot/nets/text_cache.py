@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_dpmot.utils.hashing import file_sha256
+
 ENV_CACHE_DIR = "DPMOT_TEXT_CACHE_DIR"
 """Environment variable overriding the default cache directory."""
 
@@ -49,15 +51,6 @@ def check_sha256(digest: str, what: str = "sha256") -> str:
     if len(value) != 64 or not set(value) <= _HEX:
         raise ValueError(f"{what} must be a SHA-256 hex digest (64 hex characters), got {digest!r}")
     return value
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file, read in full every time (no memo that a same-size rewrite could fool)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike[str], expected: str) -> str:

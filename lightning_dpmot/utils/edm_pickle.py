@@ -13,7 +13,6 @@ and ``torch.nn`` containers to inert stand-ins that only keep their state. Anyth
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_dpmot.utils.checkpoint_io import CheckpointError
+from lightning_dpmot.utils.hashing import file_sha256
 
 PERSISTENCE = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 #: ``torch.nn`` classes EDM's networks hold directly (not persistence-wrapped); rebuilt as :class:`PlainModule`.
@@ -165,15 +165,6 @@ class EDMUnpickler(pickle._Unpickler):  # the Python implementation: its BUILD o
         raise CheckpointError(f"refusing to load {self.label}: persistent ids are not part of an EDM network pickle")
 
 
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_edm_pickle(path: str | os.PathLike[str], sha256: str | None = None) -> dict[str, Any]:
     """The top-level dictionary of an EDM pickle, its networks as :class:`PersistentObject` trees; no code runs.
 
@@ -185,7 +176,7 @@ def load_edm_pickle(path: str | os.PathLike[str], sha256: str | None = None) -> 
     if not path.is_file():
         raise FileNotFoundError(f"EDM pickle not found: {path}")
     if sha256 is not None:
-        actual = sha256_of(path)
+        actual = file_sha256(path)
         if actual.lower() != sha256.strip().lower():
             raise CheckpointError(f"EDM pickle {path} has SHA-256 {actual}, expected {sha256.strip().lower()}")
     try:

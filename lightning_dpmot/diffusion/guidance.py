@@ -10,7 +10,9 @@ The conditional and null passes run as one batch of 2B; guidance counts as one f
 of the guidance literature). ``w = 1`` is the plain conditional model and no wrapper is built. ``w`` may be a
 schedule of the normalised sampling time tau (:mod:`~lightning_dpmot.diffusion.guidance_schedules`). Cross-modal
 (CLIP) guidance (:mod:`~lightning_dpmot.diffusion.cross_modal`) wraps the CFG denoiser, so it differentiates
-through the CFG-combined prediction.
+through the CFG-combined prediction. Discriminator guidance (Kim et al. 2023;
+:mod:`~lightning_dpmot.diffusion.discriminator_guidance`, YAML ``discriminator: {checkpoint: ...}``) wraps the CFG
+denoiser too, and cross-modal guidance wraps it: CFG -> DG -> cross-modal.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from lightning_dpmot.diffusion.conditioning import Cond, cond_cat
 from lightning_dpmot.diffusion.cross_modal import CrossModalSpec
 from lightning_dpmot.diffusion.denoiser import Denoiser, append_dims
+from lightning_dpmot.diffusion.discriminator_guidance import DiscriminatorGuidanceSpec
 from lightning_dpmot.diffusion.guidance_schedules import Constant, GuidanceSchedule, SigmaClock, as_schedule
 
 NullCondition = Callable[[Cond], Cond]
@@ -73,10 +76,12 @@ class GuidanceSpec:
         scale: classifier-free guidance weight w (1 = the plain conditional model; 0 = the unconditional one), a
             number or a schedule of the normalised time tau.
         cross_modal: cross-modal (CLIP) guidance through the predicted clean image (None = off).
+        discriminator: discriminator guidance, ``D + w sigma^2 grad_x log(d / (1 - d))`` (None = off).
     """
 
     scale: float | GuidanceSchedule = 1.0
     cross_modal: CrossModalSpec | None = None
+    discriminator: DiscriminatorGuidanceSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.scale, (int, float)) and not float("-inf") < self.scale < float("inf"):
@@ -87,6 +92,8 @@ class GuidanceSpec:
             as_schedule(self.scale)  # raises the TypeError
         if isinstance(self.cross_modal, Mapping):
             self.cross_modal = CrossModalSpec(**self.cross_modal)
+        if isinstance(self.discriminator, Mapping):
+            self.discriminator = DiscriminatorGuidanceSpec(**self.discriminator)
 
     @property
     def cfg_is_identity(self) -> bool:
@@ -98,12 +105,16 @@ class GuidanceSpec:
 
     @property
     def needs_grad(self) -> bool:
-        """Whether sampling differentiates through the model (cross-modal guidance does; CFG does not)."""
+        """Whether sampling needs autograd (cross-modal and discriminator guidance do; CFG does not)."""
+        return self.cross_modal_active or (self.discriminator is not None and self.discriminator.active)
+
+    @property
+    def cross_modal_active(self) -> bool:
         return self.cross_modal is not None and self.cross_modal.active
 
     def prepare(self, raw: Mapping[str, Any] | None, seeds: Tensor, device: torch.device | str) -> Cond:
         """Extra condition entries the guidance needs for a request (the matching models' prompt embeddings)."""
-        if not self.needs_grad:
+        if not self.cross_modal_active:
             return {}
         return self.cross_modal.prepare(raw, seeds, device)  # type: ignore[union-attr]
 
@@ -124,7 +135,9 @@ class GuidanceSpec:
         guided = denoiser
         if not self.cfg_is_identity and null is not None:
             guided = CFGDenoiser(denoiser, self.scale, null, clock)
-        if self.needs_grad:
+        if self.discriminator is not None and self.discriminator.active:
+            guided = self.discriminator.wrap(guided)
+        if self.cross_modal_active:
             if sigmas is None:
                 raise ValueError("cross-modal guidance needs the sampler's noise levels")
             guided = self.cross_modal.wrap(guided, sigmas)  # type: ignore[union-attr]

@@ -9,12 +9,18 @@ mean and the standard deviation; statistics of the real data are those of the tr
 improved precision/recall (k-NN manifolds, first seed range), the mode-mixture rate when the features come from a
 classifier, the copy rate against the training images, seconds per sample, and — once per checkpoint — the
 straightness of the ODE trajectories on a fine Heun grid (see :mod:`lightning_dpmot.metrics.curvature`).
+
+Streaming and resuming: each finished setting is written to ``fid_vs_nfe.csv`` (and the plot redrawn) at once, so an
+interrupted sweep keeps what it finished. A rerun into the same folder skips the settings whose row is there already
+— same :func:`setting_key`: sampler, schedule, rho, steps, NFE, samples, seed ranges and checkpoint — and logs and
+prints the table of every row.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,6 +30,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -36,6 +43,70 @@ from lightning_dpmot.metrics.precision_recall import precision_recall
 from lightning_dpmot.metrics.reference_stats import ReferenceStats, to_unit_range
 from lightning_dpmot.sampling.spec import SamplerName, SamplerSpec
 from lightning_dpmot.utils.distributed import gather_rows, rank_seeds
+from lightning_dpmot.utils.progress import progress
+
+#: columns that identify a setting: a row with the same values is not computed again
+KEY_COLUMNS = ("sampler", "schedule", "rho", "num_steps", "nfe", "num_samples", "seeds", "checkpoint")
+
+
+def setting_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """The identity of a table row, equal for a freshly computed row and the same row read back from the CSV."""
+    values = []
+    for column in KEY_COLUMNS:
+        value = row.get(column, "")
+        if column == "rho":
+            value = f"{float(value):g}"
+        elif column in ("num_steps", "nfe", "num_samples"):
+            value = str(int(float(value)))
+        values.append(str(value))
+    return tuple(values)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an existing ``fid_vs_nfe.csv`` (numbers parsed back to int/float), or [] if there is none."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """All ``rows`` as a CSV (columns: the union, in first-seen order), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the main columns, one line per row."""
+    lines = [f"{'sampler':<10} {'schedule':<9} {'rho':>5} {'NFE':>4} {'FID':>9} {'s/sample':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['sampler']:<10} {r['schedule']:<9} {float(r['rho']):>5g} {int(r['nfe']):>4} "
+            f"{float(r['fid']):>9.3f} {_number(r.get('sec_per_sample')):>9.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _parse(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def sweep_specs(
@@ -78,7 +149,7 @@ class NFESweep(L.Callback):
         curvature_steps: Heun steps of the fine reference grid used for the trajectories.
         batch_size: generation batch size per rank.
         output_dir: where ``fid_vs_nfe.csv``, ``fid_vs_nfe.png`` and ``curvature.json`` go (default:
-            ``<log_dir>/fid_vs_nfe``); an existing table is never overwritten.
+            ``<log_dir>/fid_vs_nfe``); the rows of an existing table are kept and their settings not recomputed.
         cache_dir: reference statistics and classifier cache.
         inception_weights: path of the Inception weights file.
     """
@@ -127,14 +198,44 @@ class NFESweep(L.Callback):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank
         out_dir = Path(self.output_dir) if self.output_dir else log_dir / "fid_vs_nfe"
-        exists = trainer.strategy.broadcast((out_dir / "fid_vs_nfe.csv").exists())  # one decision for all ranks
-        if exists:
-            raise FileExistsError(f"NFESweep: {out_dir / 'fid_vs_nfe.csv'} exists; choose another output_dir")
         with torch.inference_mode(False), torch.no_grad():
             self.run(trainer, pl_module, out_dir)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> list[dict[str, Any]]:
-        """The whole sweep (collective). Returns the table rows (complete on rank 0)."""
+        """The whole sweep (collective). Returns every row of the table (complete on rank 0)."""
+        csv_path = out_dir / "fid_vs_nfe.csv"
+        rows = read_rows(csv_path) if trainer.is_global_zero else []
+        rows = trainer.strategy.broadcast(rows)  # one skip decision for all ranks
+        done = {setting_key(row): row for row in rows}
+        checkpoint = str(trainer.ckpt_path or "")
+        todo = [s for s in self.specs if setting_key(self.setting(s, checkpoint)) not in done]
+        if len(todo) < len(self.specs):
+            rank_zero_info(
+                f"NFESweep: {len(self.specs) - len(todo)} of {len(self.specs)} settings already in {csv_path}; "
+                f"computing {len(todo)}"
+            )
+        self.rows = rows
+        if todo:
+            feature, stats, fid = self.prepare(trainer, pl_module)
+        for spec in todo:
+            result = self.evaluate_setting(trainer, pl_module, spec, fid, feature, stats)
+            row = {**self.setting(spec, checkpoint), **result}
+            done[setting_key(row)] = row
+            self.rows.append(row)
+            if trainer.is_global_zero:  # streamed: an interrupted sweep keeps every finished setting
+                self.write(out_dir)
+        for spec in self.specs:
+            row = done[setting_key(self.setting(spec, checkpoint))]
+            pl_module.log(f"test/fid_{spec.tag}@nfe={spec.nfe}", float(row["fid"]), sync_dist=False)
+        measure = self.curvature_samples and not (out_dir / "curvature.json").is_file()
+        curvature = self.measure_curvature(pl_module) if measure and trainer.is_global_zero else {}
+        if trainer.is_global_zero:
+            self.write(out_dir, curvature)
+            rank_zero_info(f"NFESweep: {csv_path}\n{format_table(self.rows)}")
+        return self.rows
+
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[nn.Module, ReferenceStats, nn.Module]:
+        """Extractor, reference statistics and the FID metric (collective)."""
         from lightning_dpmot.metrics.fid_metrics import build_fid_metric
 
         feature, stats = prepare_reference(
@@ -147,15 +248,20 @@ class NFESweep(L.Callback):
             self.batch_size,
         )
         fid = build_fid_metric(feature, stats, rank=trainer.global_rank).to(pl_module.device)
-        self.rows = []
-        for spec in self.specs:
-            row = self.evaluate_setting(trainer, pl_module, spec, fid, feature, stats)
-            pl_module.log(f"test/fid_{spec.tag}@nfe={spec.nfe}", row["fid"], sync_dist=False)
-            self.rows.append(row)
-        curvature = self.measure_curvature(pl_module) if self.curvature_samples and trainer.is_global_zero else {}
-        if trainer.is_global_zero:
-            self.write(out_dir, curvature)
-        return self.rows
+        return feature, stats, fid
+
+    def setting(self, spec: SamplerSpec, checkpoint: str) -> dict[str, Any]:
+        """The key columns of ``spec``'s row (see :func:`setting_key`)."""
+        return {
+            "sampler": spec.name,
+            "schedule": spec.schedule,
+            "rho": spec.rho,
+            "num_steps": spec.num_steps,
+            "nfe": spec.nfe,
+            "num_samples": self.num_samples,
+            "seeds": f"0-{self.seed_ranges * self.num_samples - 1}",
+            "checkpoint": checkpoint,
+        }
 
     def evaluate_setting(
         self,
@@ -167,39 +273,37 @@ class NFESweep(L.Callback):
         stats: ReferenceStats,
     ) -> dict[str, Any]:
         values, first_features, first_probs, first_images, seconds = [], None, None, None, 0.0
-        for r in range(self.seed_ranges):
-            fid.reset()
-            seeds = rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size, r * self.num_samples)
-            feats, probs, pixels = [], [], []
-            for chunk in seeds.split(self.batch_size):
-                cond = pl_module.generation_conditions(chunk)
-                start = time.perf_counter()
-                sample = pl_module.generate(chunk, cond, spec)
-                seconds += time.perf_counter() - start
-                images = to_unit_range(sample.x.float())
-                fid.update(images, real=False)
+        chunks = -(-len(rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size)) // self.batch_size)
+        title = f"NFE sweep {spec.name} NFE {spec.nfe}" + (f" rho {spec.rho:g}" if spec.schedule == "karras" else "")
+        with progress(trainer, self.seed_ranges * chunks, title) as bar:
+            for r in range(self.seed_ranges):
+                fid.reset()
+                seeds = rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size, r * self.num_samples)
+                feats, probs, pixels = [], [], []
+                for chunk in seeds.split(self.batch_size):
+                    cond = pl_module.generation_conditions(chunk)
+                    start = time.perf_counter()
+                    sample = pl_module.generate(chunk, cond, spec)
+                    seconds += time.perf_counter() - start
+                    images = to_unit_range(sample.x.float())
+                    fid.update(images, real=False)
+                    if r == 0:
+                        feats.append(feature(images).float())
+                        if self.copy_threshold > 0:
+                            pixels.append(sample.x.float())
+                        if hasattr(feature, "predict_proba"):
+                            probs.append(feature.predict_proba(images).float())
+                    bar.advance()
+                values.append(float(fid.compute()))
                 if r == 0:
-                    feats.append(feature(images).float())
-                    if self.copy_threshold > 0:
-                        pixels.append(sample.x.float())
-                    if hasattr(feature, "predict_proba"):
-                        probs.append(feature.predict_proba(images).float())
-            values.append(float(fid.compute()))
-            if r == 0:
-                first_features = gather_rows(trainer, torch.cat(feats))
-                first_probs = gather_rows(trainer, torch.cat(probs)) if probs else None
-                first_images = gather_rows(trainer, torch.cat(pixels)) if pixels else None
+                    first_features = gather_rows(trainer, torch.cat(feats))
+                    first_probs = gather_rows(trainer, torch.cat(probs)) if probs else None
+                    first_images = gather_rows(trainer, torch.cat(pixels)) if pixels else None
+            bar.result(f"FID {min(values):.3f}")
         row: dict[str, Any] = {
-            "sampler": spec.name,
-            "schedule": spec.schedule,
-            "rho": spec.rho,
-            "num_steps": spec.num_steps,
-            "nfe": spec.nfe,
             "fid": min(values),
             "fid_mean": float(np.mean(values)),
             "fid_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "num_samples": self.num_samples,
-            "seeds": f"0-{self.seed_ranges * self.num_samples - 1}",
             "sec_per_sample": seconds
             / max(1, self.seed_ranges * len(rank_seeds(self.num_samples, trainer.global_rank, trainer.world_size))),
         }
@@ -237,13 +341,9 @@ class NFESweep(L.Callback):
         metrics = mean_trajectory_metrics(*recorder.stack())
         return {**metrics, "num_samples": self.curvature_samples, "heun_steps": self.curvature_steps}
 
-    def write(self, out_dir: Path, curvature: dict[str, float]) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fields = list(dict.fromkeys(k for row in self.rows for k in row))
-        with open(out_dir / "fid_vs_nfe.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
+    def write(self, out_dir: Path, curvature: dict[str, float] | None = None) -> None:
+        """The table (every row so far), ``curvature.json`` when given, and the plot (rank 0)."""
+        write_rows(out_dir / "fid_vs_nfe.csv", self.rows)
         if curvature:
             (out_dir / "curvature.json").write_text(json.dumps(curvature, indent=2))
         plot_fid_vs_nfe(self.rows, out_dir / "fid_vs_nfe.png")

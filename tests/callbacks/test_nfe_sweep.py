@@ -77,10 +77,70 @@ def test_sweep_writes_table_plot_and_curvature(tmp_path: Path) -> None:
     first_range = frechet_distance(mu_r, s_r, mu_f, s_f)
     assert first_range >= float(rows[0]["fid"]) - 1e-3 * first_range  # min over ranges <= this range
     assert trainer.callback_metrics["test/fid_heun-karras-rho7@nfe=3"].item() == pytest.approx(float(rows[0]["fid"]))
-    with pytest.raises(FileExistsError, match="exists"):
-        trainer.test(model, dm, verbose=False)
+    trainer.test(model, dm, verbose=False)  # a rerun into the same folder recomputes nothing
+    assert list(csv.DictReader(open(out / "fid_vs_nfe.csv"))) == rows
 
 
 def test_timestep_schedule_uses_one_rho() -> None:
     specs = sweep_specs(["ddim"], [5, 10], [7.0, 90.0], schedule="timesteps")
     assert [(s.name, s.nfe, s.schedule) for s in specs] == [("ddim", 5, "timesteps"), ("ddim", 10, "timesteps")]
+
+
+def test_interrupted_sweep_keeps_finished_settings_and_a_rerun_skips_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "sweep"
+
+    def make_sweep() -> NFESweep:
+        return NFESweep(
+            samplers=["euler"],
+            nfe=[2, 3, 4],
+            num_samples=16,
+            batch_size=16,
+            precision_recall=False,
+            copy_threshold=0.0,
+            curvature_samples=0,
+            output_dir=str(out),
+            cache_dir=str(tmp_path / "cache"),
+        )
+
+    model, dm = tiny_edm(class_conditional=True), DigitsDataModule(batch_size=64)
+    generate, calls = model.generate, []
+
+    def failing_generate(seeds, cond=None, spec=None, *args, **kwargs):
+        calls.append(spec.nfe)
+        if len(calls) == 2:
+            raise RuntimeError("stopped on the second setting")
+        return generate(seeds, cond, spec, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", failing_generate)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_test_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=[make_sweep()],
+    )
+    with pytest.raises(RuntimeError, match="second setting"):
+        trainer.test(model, dm, verbose=False)
+    rows = list(csv.DictReader(open(out / "fid_vs_nfe.csv")))
+    assert [int(r["nfe"]) for r in rows] == [2] and (out / "fid_vs_nfe.png").is_file()
+
+    calls.clear()
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(a[2].nfe) or generate(*a, **k))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_test_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=[make_sweep()],
+    )
+    trainer.test(model, dm, verbose=False)
+    assert calls == [3, 4]  # NFE 2 was done: not recomputed
+    rows_after = list(csv.DictReader(open(out / "fid_vs_nfe.csv")))
+    assert [int(r["nfe"]) for r in rows_after] == [2, 3, 4] and rows_after[0] == rows[0]
+    for nfe, row in zip((2, 3, 4), rows_after, strict=True):  # logged from all rows, the old one included
+        logged = trainer.callback_metrics[f"test/fid_euler-karras-rho7@nfe={nfe}"].item()
+        assert logged == pytest.approx(float(row["fid"]))

@@ -44,6 +44,7 @@ from typing_extensions import override
 
 from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
 from lightning_dpmot.callbacks.signals import GracefulShutdown
+from lightning_dpmot.cli_help import HelpFormatter, add_subcommands, import_project_classes, main_epilog
 from lightning_dpmot.errors import NonFiniteError, TrainingInterrupted
 from lightning_dpmot.utils.checkpoint_io import (
     LIGHTNING_CKPT_ALIASES,
@@ -230,6 +231,10 @@ class DPMOTCLI(LightningCLI):
         )
 
     # ---- parsing ------------------------------------------------------------------------------------------------
+    @override
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        add_subcommands(self, parser, **kwargs)  # one-line help per subcommand (cli_help.SUBCOMMAND_HELP)
+
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = sys.argv[1:] if args is None else args
@@ -438,13 +443,21 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
     debug = bool(os.environ.get("DPMOT_DEBUG"))
     try:
         check_config_files(sys.argv[1:] if args is None else args if isinstance(args, list) else [])
+        import_project_classes()  # known subclasses in --help; short names (--model EDMModule)
         cli = DPMOTCLI(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveConfigToLoggers,
-            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "prog": "dpmot"},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "allow_abbrev": False,
+                "prog": "dpmot",
+                "description": "Diffusion models (EDM, DDPM, DPM-OT, AOT, text-to-image) on PyTorch Lightning.",
+                "epilog": main_epilog(),
+                "formatter_class": HelpFormatter,
+            },
             auto_configure_optimizers=False,
             args=args,
             run=run,

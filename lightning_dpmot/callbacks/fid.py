@@ -28,6 +28,7 @@ from lightning_dpmot.metrics.extractors import DEFAULT_CACHE_DIR, FeatureKind
 from lightning_dpmot.metrics.reference_stats import to_unit_range
 from lightning_dpmot.sampling.spec import SamplerSpec
 from lightning_dpmot.utils.distributed import rank_seeds
+from lightning_dpmot.utils.progress import progress
 
 
 def metric_key(metric: str, spec: SamplerSpec, specs: list[SamplerSpec]) -> str:
@@ -123,12 +124,16 @@ class FIDCallback(L.Callback):
             self._fid.reset()
             if self._kid is not None:
                 self._kid.reset()
-            for _, _, sample in pl_module.generate_many(seeds, self.batch_size, spec, self.guidance):
-                images = to_unit_range(sample.x.float())
-                self._fid.update(images, real=False)
-                if self._kid is not None:
-                    self._kid.update(images, real=False)
-            results[metric_key("fid", spec, specs)] = float(self._fid.compute())
+            key = metric_key("fid", spec, specs)
+            with progress(trainer, -(-len(seeds) // self.batch_size), f"{key} ({self.num_samples} samples)") as bar:
+                for _, _, sample in pl_module.generate_many(seeds, self.batch_size, spec, self.guidance):
+                    images = to_unit_range(sample.x.float())
+                    self._fid.update(images, real=False)
+                    if self._kid is not None:
+                        self._kid.update(images, real=False)
+                    bar.advance()
+                results[key] = float(self._fid.compute())
+                bar.result(f"{results[key]:.3f}")
             if self._kid is not None:
                 results[metric_key("kid", spec, specs)] = float(self._kid.compute()[0])
         return results

@@ -6,6 +6,7 @@ barrier, then every rank loads the same cached objects: one computation, identic
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from lightning_dpmot.metrics.extractors import FeatureKind, build_feature_extractor
 from lightning_dpmot.metrics.reference_stats import ReferenceStats, cached_reference_stats, compute_reference_stats
+from lightning_dpmot.utils.progress import Progress, progress
 
 KEEP_FEATURES = 10_000  # real-feature subset stored with the statistics (KID, precision/recall)
 
@@ -27,8 +29,12 @@ def load_reference(
     cache_dir: str,
     inception_weights: str | None = None,
     batch_size: int = 256,
+    show_progress: L.Trainer | bool = False,
 ) -> tuple[nn.Module, ReferenceStats]:
-    """(extractor, statistics of ``real_split``) from the caches, computing what is missing (single process)."""
+    """(extractor, statistics of ``real_split``) from the caches, computing what is missing (single process).
+
+    ``show_progress``: a trainer (its progress-bar settings decide) or a bool; shown only while statistics are computed.
+    """
     if len(data_shape) != 3:
         raise ValueError(f"feature-based metrics need image data (C, H, W); got data_shape {data_shape}")
     feature = build_feature_extractor(
@@ -38,7 +44,11 @@ def load_reference(
 
     def compute() -> ReferenceStats:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        return compute_reference_stats(feature, loader, keep_features=KEEP_FEATURES)
+        title = f"reference statistics ({datamodule.name}, {real_split}, {feature.name})"
+        with progress(show_progress, len(loader), title) as bar:
+            stats = compute_reference_stats(feature, _counted(loader, bar), keep_features=KEEP_FEATURES)
+            bar.result(f"{stats.n} images")
+        return stats
 
     stats = cached_reference_stats(
         Path(cache_dir).expanduser() / "reference_stats", datamodule.name, real_split, feature.name, compute
@@ -66,7 +76,14 @@ def prepare_reference(
         batch_size,
     )
     if trainer.is_global_zero:
-        load_reference(*args)
+        load_reference(*args, show_progress=trainer)
     trainer.strategy.barrier("prepare_reference")
     feature, stats = load_reference(*args)
     return feature.to(pl_module.device), stats
+
+
+def _counted(batches: Iterable[Any], bar: Progress) -> Iterator[Any]:
+    """``batches``, advancing ``bar`` once each batch has been used."""
+    for batch in batches:
+        yield batch
+        bar.advance()

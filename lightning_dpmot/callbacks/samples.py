@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_dpmot.models.generation import GenerativeModule
 from lightning_dpmot.sampling.spec import SamplerSpec
 from lightning_dpmot.utils.images import save_captioned_grid, save_grid, save_scatter
+from lightning_dpmot.utils.progress import progress
 
 
 class SampleGrid(L.Callback):
@@ -72,7 +73,9 @@ class SampleGrid(L.Callback):
     ) -> Path | None:
         seeds = torch.arange(self.seed_offset, self.seed_offset + self.num_samples)
         conditions = pl_module.generation_conditions(seeds)
-        result = pl_module.generate(seeds, conditions, self.sampler)
+        spec = self.sampler or getattr(pl_module, "sampler", None)
+        with progress(trainer, getattr(spec, "num_steps", None), f"sample grid ({len(seeds)} samples)") as bar:
+            result = pl_module.generate(seeds, conditions, self.sampler, callback=lambda _: bar.advance())
         path = out_dir / (name or f"step={trainer.global_step:08d}.png")
         bad = int((~torch.isfinite(result.x.flatten(1)).all(1)).sum())
         if bad:  # never draw NaN as black pixels; NonFiniteGuard decides whether training goes on

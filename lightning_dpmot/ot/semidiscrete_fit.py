@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_dpmot.utils.progress import progress as progress_bar
+
 if TYPE_CHECKING:
     from lightning_dpmot.ot.semidiscrete import SemiDiscreteOT
 
@@ -76,14 +78,6 @@ def max_rel_noise_floor(nu: Tensor, num_samples: int) -> float:
     return math.sqrt(2.0 * math.log(2.0 * nu.numel())) * sd
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="semi-discrete OT", dynamic_ncols=True)
-
-
 def fit_loop(
     solver: SemiDiscreteOT,
     max_iterations: int,
@@ -106,30 +100,22 @@ def fit_loop(
     history: list[dict[str, float]] = []
     evaluation: dict[str, float] | None = None
     evaluated_at = -1
-    bar = _progress(max_iterations, progress)
     converged = False
-    for i in range(max_iterations):
-        diag = solver.step()
-        history.append(diag)
-        if bar is not None:
-            bar.update(1)
-            if i % 10 == 0:
-                bar.set_postfix(
-                    g=f"{diag['g_norm']:.2e}",
-                    rel=f"{diag['rel_rms_err']:.3f}",
-                    empty=int(diag["empty_cells"]),
-                    M=int(diag["num_mc_samples"]),
-                    lr=f"{diag['lr']:.2e}",
-                )
-        # cheap gate on this step's own (pre-update) debiased RMS error, a lower bound of the max error,
-        # before paying for a held-out evaluation
-        if (i + 1) % eval_every == 0 and diag["rel_rms_err"] <= tol and diag["empty_cells"] == 0:
-            evaluation, evaluated_at = solver.evaluate(eval_num_samples), i
-            if solver.is_converged(evaluation, tol):
-                converged = True
-                break
-    if bar is not None:
-        bar.close()
+    with progress_bar(progress, max_iterations, "semi-discrete OT") as bar:
+        for i in range(max_iterations):
+            diag = solver.step()
+            history.append(diag)
+            postfix = {} if i % 10 else _postfix(diag)
+            bar.advance(**postfix)
+            # cheap gate on this step's own (pre-update) debiased RMS error, a lower bound of the max error,
+            # before paying for a held-out evaluation
+            if (i + 1) % eval_every == 0 and diag["rel_rms_err"] <= tol and diag["empty_cells"] == 0:
+                evaluation, evaluated_at = solver.evaluate(eval_num_samples), i
+                if solver.is_converged(evaluation, tol):
+                    converged = True
+                    break
+        if history:
+            bar.result(f"{len(history)} steps, last rel_rms_err {history[-1]['rel_rms_err']:.3f}")
     if evaluated_at != len(history) - 1:
         evaluation = solver.evaluate(eval_num_samples)
         converged = solver.is_converged(evaluation, tol)
@@ -139,4 +125,15 @@ def fit_loop(
         "last_step": history[-1] if history else {},
         "evaluation": evaluation,
         "history": history,
+    }
+
+
+def _postfix(diag: dict[str, float]) -> dict[str, Any]:
+    """The diagnostics shown after the progress bar."""
+    return {
+        "g": f"{diag['g_norm']:.2e}",
+        "rel": f"{diag['rel_rms_err']:.3f}",
+        "empty": int(diag["empty_cells"]),
+        "M": int(diag["num_mc_samples"]),
+        "lr": f"{diag['lr']:.2e}",
     }

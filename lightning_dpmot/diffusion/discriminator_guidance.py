@@ -53,8 +53,8 @@ def load_discriminator(checkpoint: str | Path) -> nn.Module:
             raise FileNotFoundError(f"discriminator guidance: checkpoint not found: {key}")
         hparams = load_checkpoint(key).get("hyper_parameters") or {}
         class_path = str(hparams.get("_class_path", ""))
-        held = class_path.rsplit(".", 1)[-1] or "model of no recorded class"
-        if held != DiscriminatorModule.__name__:
+        held = class_path.rsplit(".", 1)[-1]
+        if held and held != DiscriminatorModule.__name__:  # no class recorded (saved outside the CLI): try it
             raise CheckpointError(
                 f"discriminator guidance: checkpoint {key} holds a {held}, not a DiscriminatorModule "
                 "(train one with configs/dg/digits_disc.yaml)"

@@ -26,6 +26,8 @@ FRAGMENTS = {
     "eval/fid_vs_nfe.yaml": ("quickstart.yaml", "test"),
     "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
     "eval/solver_sweep.yaml": ("aot_edm/digits.yaml", "test"),
+    "eval/ipndm_sweep.yaml": ("aot_edm/digits.yaml", "test"),
+    "eval/dg_sweep.yaml": ("quickstart.yaml", "test"),
     "eval/shapes_text2img.yaml": ("text2img/shapes.yaml", "test"),
     "eval/unibench_gpu.yaml": ("text2img/webdataset_t5.yaml", "test"),
     "text2img/clip_guidance.yaml": ("text2img/shapes.yaml", "predict"),
@@ -136,8 +138,25 @@ def clip_guidance_inputs(root: Path) -> list[str]:
     ]
 
 
+def dg_fakes(root: Path) -> list[str]:
+    """dg/digits_disc.yaml: a small samples.npz of fakes (random images in [-1, 1]) instead of a predict run."""
+    root.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.savez(root / "samples.npz", x=x.numpy())
+    return [f"--model.init_args.fake={root / 'samples.npz'}"]
+
+
+def dg_discriminator(root: Path) -> list[str]:
+    """eval/dg_sweep.yaml: a discriminator trained 2 steps by dpmot fit --config configs/dg/digits_disc.yaml."""
+    args = [*dg_fakes(root), "--trainer.max_steps=2", "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
+    main(["fit", *config_args("dg/digits_disc.yaml"), *args])
+    return [f"--model.init_args.guidance.discriminator.checkpoint={root / 'checkpoints' / 'last.ckpt'}"]
+
+
 INPUTS = {
     "dpm_ot/digits_sample.yaml": dpm_ot_checkpoints,
+    "dg/digits_disc.yaml": dg_fakes,
+    "eval/dg_sweep.yaml": dg_discriminator,
     "text2img/webdataset_t5.yaml": webdataset_and_t5,
     "eval/unibench_gpu.yaml": unibench_gpu_inputs,
     "eval/shapes_text2img.yaml": shapes_eval_inputs,

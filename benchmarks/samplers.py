@@ -1,7 +1,8 @@
 """Seconds per sample of each ODE solver at equal NFE, and its overhead beyond the network evaluations.
 
-Solvers: ``euler`` (the baseline of every ratio), ``heun`` (EDM Alg. 1, NFE = 2N - 1), ``dpmpp_2m``, ``dpmpp_3m`` and
-``unipc`` (order ``--unipc-order``, ``--unipc-variant``), all from the same noise with the quickstart-sized DDPM++
+Solvers: ``euler`` (the baseline of every ratio), ``heun`` (EDM Alg. 1, NFE = 2N - 1), ``dpmpp_2m``, ``dpmpp_3m``,
+``unipc`` (order ``--unipc-order``, ``--unipc-variant``), ``ipndm`` and ``ipndm_v`` (order 4), all from the same noise
+with the quickstart-sized DDPM++
 (``configs/quickstart.yaml``: 1 x 8 x 8, 32 channels, mult [1, 2], one block, attention at 4 px) with random weights
 (the costs are those of a trained net). The denoiser is wrapped in a timer, so every run splits its own time into
 network evaluations and solver work: ``overhead/NFE`` = (total - time in the network) / NFE as a fraction of the
@@ -22,7 +23,7 @@ import time
 import torch
 from torch import Tensor
 
-SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
+SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "ipndm_v")
 
 
 class TimedDenoiser:

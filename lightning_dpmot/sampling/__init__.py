@@ -1,5 +1,6 @@
 """Samplers with one signature, their noise-level schedules, and the shared sampler configuration."""
 
+from lightning_dpmot.sampling.linear_multistep import sample_ipndm, variable_step_weights
 from lightning_dpmot.sampling.multistep import (
     dpmpp_multistep_step,
     sample_dpmpp_2m,
@@ -35,7 +36,9 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_heun",
     "sample_heun_stochastic",
+    "sample_ipndm",
     "sample_unipc",
     "unipc_coefficients",
     "unipc_step",
+    "variable_step_weights",
 ]

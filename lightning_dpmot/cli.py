@@ -14,7 +14,9 @@ Reliability (see the README's reliability section):
   warning in ``validate``/``test``/``predict`` (network architecture excepted); a checkpoint of another model class,
   network, ``data_shape`` or ``num_classes`` is refused with a message naming both.
 - Every trainer gets :class:`~lightning_dpmot.callbacks.GracefulShutdown` (SIGTERM/SIGINT → checkpoint → exit
-  143/130) and :class:`~lightning_dpmot.callbacks.NonFiniteGuard` (NaN/inf → exit 3) unless the config has them.
+  143/130) and :class:`~lightning_dpmot.callbacks.NonFiniteGuard` (NaN/inf → exit 3) unless the config has them,
+  and :class:`~lightning_dpmot.callbacks.summary.RunSummary` (rank 0 prints the run folder, checkpoints, final
+  metrics and new files at the end).
 - ``num_threads`` (top level, like ``seed_everything``) pins ``torch.set_num_threads`` before anything is built.
 - Relative logger ``save_dir``\\ s are relative to ``trainer.default_root_dir`` when it is set; an unwritable output
   directory is an error before anything runs; a failed run leaves no empty ``version_N/``.
@@ -44,6 +46,7 @@ from typing_extensions import override
 
 from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
 from lightning_dpmot.callbacks.signals import GracefulShutdown
+from lightning_dpmot.callbacks.summary import RunSummary
 from lightning_dpmot.cli_help import HelpFormatter, add_subcommands, import_project_classes, main_epilog
 from lightning_dpmot.errors import NonFiniteError, TrainingInterrupted
 from lightning_dpmot.utils.checkpoint_io import (
@@ -368,6 +371,8 @@ class DPMOTCLI(LightningCLI):
             callbacks.append(GracefulShutdown())
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             callbacks.append(NonFiniteGuard())
+        if not any(isinstance(c, RunSummary) for c in callbacks):
+            callbacks.append(RunSummary())  # where the outputs went and the final metrics, at the end
         kwargs["callbacks"] = callbacks
         plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]

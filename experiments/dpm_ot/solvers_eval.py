@@ -1,14 +1,15 @@
 """DPM-OT against the strongest few-step solvers (issue 14): the same metrics as ``digits_eval.py``, with
-DPM-Solver++(2M) and UniPC (order 2, B(h) = e^h - 1) beside DDIM, both from pure noise and as DPM-OT's last leg.
+DPM-Solver++(2M), UniPC (order 2, B(h) = e^h - 1) and iPNDM (order 4) beside DDIM, both from pure noise and as
+DPM-OT's last leg.
 
     python experiments/dpm_ot/solvers_eval.py --runs experiments/dpm_ot/runs --dpm-ckpt <...> --edm-ckpt <...>
 
 Rows (``--num-samples`` samples each, seeds 0..n-1, cached as ``<runs>/digits_eval/solvers_<key>.json``):
 
-- the DDPM from pure noise (t = 999) on its own timesteps: DDIM, 2M, UniPC at NFE 5 / 10 / 20;
-- the quickstart EDM from sigma_max = 80 on the rho = 7 schedule: Heun at NFE 5 / 9 / 19, 2M and UniPC at 5 / 10 / 20;
+- the DDPM from pure noise (t = 999) on its own timesteps: DDIM, 2M, UniPC, iPNDM at NFE 5 / 10 / 20;
+- the quickstart EDM from sigma_max = 80 on the rho = 7 schedule: Heun at NFE 5 / 9 / 19, the others at 5 / 10 / 20;
 - DPM-OT with training-set targets at t_s = 100 and 250 (sigma_s = 0.34 / 0.96), maps ``hard`` and ``renoise``:
-  DDIM, 2M and UniPC on the DDPM's timesteps below t_s at NFE 5 / 10.
+  DDIM, 2M, UniPC and iPNDM on the DDPM's timesteps below t_s at NFE 5 / 10.
 
 Writes ``results/solvers.csv`` and prints a markdown table of FID, copy rate and mode mixture.
 """
@@ -29,7 +30,7 @@ from torch import Tensor
 from lightning_dpmot.models.dpm_ot import DPMOTModule, load_diffusion_module
 from lightning_dpmot.sampling.spec import SamplerSpec
 
-SOLVERS = ("ddim", "dpmpp_2m", "unipc")
+SOLVERS = ("ddim", "dpmpp_2m", "unipc", "ipndm")
 NOISE_NFES = (5, 10, 20)
 HEUN_NFES = (5, 9, 19)
 OT_LEVELS = (100, 250)

@@ -49,6 +49,14 @@ from lightning_dpmot.callbacks.signals import GracefulShutdown
 from lightning_dpmot.callbacks.summary import RunSummary
 from lightning_dpmot.cli_help import HelpFormatter, add_subcommands, import_project_classes, main_epilog
 from lightning_dpmot.errors import NonFiniteError, TrainingInterrupted
+from lightning_dpmot.run_dirs import (
+    STAMP_ENV,
+    explicit_output_flags,
+    name_wandb_loggers,
+    redirect_to_training_run,
+    run_stamp,
+    training_run_dir,
+)
 from lightning_dpmot.utils.checkpoint_io import (
     LIGHTNING_CKPT_ALIASES,
     CheckpointError,
@@ -221,6 +229,8 @@ class DPMOTCLI(LightningCLI):
     _ckpt_hparams: dict[str, Any] | None = None
     _ckpt_label: str | None = None
     _explicit: set[str] = set()  # noqa: RUF012 - replaced per instance
+    _argv: tuple[Any, ...] = ()
+    _ckpt_dirpaths: list[str] = []  # noqa: RUF012 - replaced per instance
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -242,6 +252,7 @@ class DPMOTCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = sys.argv[1:] if args is None else args
         self._explicit = explicit_model_keys(argv) if isinstance(argv, (list, tuple)) else set()
+        self._argv = tuple(argv) if isinstance(argv, (list, tuple)) else ()
         super().parse_arguments(parser, args)
 
     @override
@@ -269,6 +280,8 @@ class DPMOTCLI(LightningCLI):
             config["ckpt_path"] = label[len("file://") :]
         checkpoint = load_local_checkpoint(config["ckpt_path"], "cpu", name=label)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
+        states = (checkpoint.get("callbacks") or {}).values()
+        self._ckpt_dirpaths = [str(s["dirpath"]) for s in states if isinstance(s, dict) and s.get("dirpath")]
         del checkpoint
         hparams.pop("_instantiator", None)
         self._ckpt_hparams, self._ckpt_label = dict(hparams), label
@@ -353,6 +366,26 @@ class DPMOTCLI(LightningCLI):
                 init_args["save_dir"] = str(Path(root) / save_dir)
             if self.subcommand is not None:
                 check_writable(init_args["save_dir"], f"{_short(logger.get('class_path'))} save_dir")
+        if self.subcommand is not None:
+            self._place_outputs(config, trainer)
+
+    def _place_outputs(self, config: Namespace, trainer: Namespace) -> None:
+        """One experiment, one folder (:mod:`lightning_dpmot.run_dirs`): runs from a training run's checkpoint write
+        into that run's folder; unnamed wandb loggers take the CSV logger's name."""
+        name_wandb_loggers(trainer)
+        run = training_run_dir(config.get("ckpt_path"))
+        if run is None or explicit_output_flags(self._argv) or self.subcommand is None:
+            return
+        for dirpath in self._ckpt_dirpaths:  # the spelling ModelCheckpoint saved, so it restores its state
+            if Path(dirpath).absolute() == run / "checkpoints":
+                run = Path(dirpath).parent
+        stamp = run_stamp()
+        os.environ[STAMP_ENV] = stamp  # DDP workers started by the launcher pick the same folder
+        folder = redirect_to_training_run(trainer, self.subcommand, run, stamp)
+        if self.subcommand == "fit" and (run / self.save_config_kwargs.get("config_filename", "config.yaml")).is_file():
+            self.save_config_kwargs["config_filename"] = f"config-resume-{stamp}.yaml"
+        what = "continuing in" if self.subcommand == "fit" else "writing to"
+        _say(f"{what} {os.path.relpath(folder)} (the folder of the checkpoint's training run)")
 
     @staticmethod
     def _logger_configs(logger: Any) -> list[Namespace]:
@@ -446,6 +479,10 @@ def _one_line(err: BaseException) -> str:
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DPMOTCLI:
     """Run the CLI (``args`` for programmatic use, e.g. tests) and return it."""
     debug = bool(os.environ.get("DPMOT_DEBUG"))
+    own_stamp = STAMP_ENV not in os.environ  # set for this command's DDP workers only
+    from lightning_dpmot.utils.quiet import install_warning_filters
+
+    install_warning_filters(args)  # narrow filters for harmless third-party warnings (see utils/quiet.py)
     try:
         check_config_files(sys.argv[1:] if args is None else args if isinstance(args, list) else [])
         import_project_classes()  # known subclasses in --help; short names (--model EDMModule)
@@ -493,6 +530,8 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
         print(f"dpmot: error: trainer configuration: {_one_line(err)}{hint}", file=sys.stderr)
         raise SystemExit(2) from err
     finally:
+        if own_stamp:
+            os.environ.pop(STAMP_ENV, None)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # gloo aborts at interpreter exit otherwise
     return cli

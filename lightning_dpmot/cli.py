@@ -47,7 +47,13 @@ from typing_extensions import override
 from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
 from lightning_dpmot.callbacks.signals import GracefulShutdown
 from lightning_dpmot.callbacks.summary import RunSummary
-from lightning_dpmot.cli_help import HelpFormatter, add_subcommands, import_project_classes, main_epilog
+from lightning_dpmot.cli_help import (
+    DPMOTArgumentParser,
+    HelpFormatter,
+    add_subcommands,
+    import_project_classes,
+    main_epilog,
+)
 from lightning_dpmot.errors import NonFiniteError, TrainingInterrupted
 from lightning_dpmot.run_dirs import (
     STAMP_ENV,
@@ -492,6 +498,7 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DP
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveConfigToLoggers,
+            parser_class=DPMOTArgumentParser,
             parser_kwargs={
                 "parser_mode": "omegaconf",
                 "allow_abbrev": False,

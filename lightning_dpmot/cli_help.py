@@ -8,15 +8,19 @@ DataModules are imported here so that ``dpmot fit --help`` lists them as known s
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
+import re
+import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser
 
 # one line per subcommand in `dpmot --help` (Lightning's docstring first lines are cut off mid-sentence)
 SUBCOMMAND_HELP = {
@@ -147,3 +151,28 @@ def add_subcommands(cli: Any, parser: Any, **kwargs: Any) -> None:
         subcommand_parser = cli._prepare_subcommand_parser(trainer_class, subcommand, **subparser_kwargs)
         cli._subcommand_parsers[subcommand] = subcommand_parser
         parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
+
+
+def did_you_mean(message: str, options: Any) -> str:
+    """`` (did you mean --trainer.max_steps?)`` for the unrecognized flags of ``message`` that are near an option."""
+    found = re.search(r"unrecognized arguments: (.*)", message)
+    if not found:
+        return ""
+    names = [t.split("=", 1)[0] for t in found.group(1).split() if t.startswith("--")]
+    close = [m for n in names for m in difflib.get_close_matches(n, list(options), n=1, cutoff=0.8)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+class DPMOTArgumentParser(LightningArgumentParser):
+    """Parse errors in a few lines (``dpmot: error: ...`` and a hint) instead of a 60-line usage block."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print ``dpmot: error: <message>`` (with ``did you mean`` for a near-miss flag) and exit 2."""
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        hint = did_you_mean(message, parser._option_string_actions)
+        sys.stderr.write(f"dpmot: error: {message.rstrip()}{hint}\n")
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"tip: {prog} --help lists every option\n")
+        self.exit(2)

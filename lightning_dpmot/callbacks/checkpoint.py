@@ -18,12 +18,13 @@ Writes are atomic when the trainer uses :class:`~lightning_dpmot.utils.checkpoin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -61,12 +62,42 @@ class LastCheckpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps or 0
         self.save_last_on_exception = save_last_on_exception
         self._last_step_in_last = -1  # global step that last.ckpt holds
+        self._dir_to_check: Any = None  # dirpath whose emptiness ModelCheckpoint.setup wanted to warn about
 
     @override
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_step_in_last = trainer.global_step
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: Any) -> None:  # noqa: N802 - overrides the private hook
+        """ModelCheckpoint warns "Checkpoint directory ... exists and is not empty" in ``setup``, before the trainer
+        knows whether it resumes; decided in ``on_fit_start`` instead (see there)."""
+        self._dir_to_check = dirpath
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run resumed from one of this directory's own checkpoints (`dpmot fit --ckpt_path .../last.ckpt`)
+        # continues there on purpose: no warning; anything else writing into a non-empty directory still gets it
+        dirpath, self._dir_to_check = self._dir_to_check, None
+        resumed = trainer.ckpt_path
+        if dirpath is None or (resumed and Path(str(resumed)).resolve().parent == Path(str(dirpath)).resolve()):
+            return
+        super()._ModelCheckpoint__warn_if_dir_not_empty(dirpath)  # type: ignore[misc]
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        # A resume into another folder (`dpmot fit --ckpt_path ... --trainer.logger/default_root_dir ...`, or a
+        # fresh logger version) is deliberate: the old folder's top-k ranking stays there, as in ModelCheckpoint, but
+        # without its "The dirpath has changed" warning. best_model_path still points at the old best.
+        self.best_model_path = state_dict["best_model_path"]
+        rank_zero_debug(
+            f"LastCheckpoint: state from {state_dict.get('dirpath')}; new checkpoints go to {self.dirpath} "
+            "(top-k ranking starts afresh there)"
+        )
 
     @override
     def on_train_batch_end(

@@ -86,6 +86,14 @@ class EMAHalfLife(WeightAveraging):
         pass  # see the module docstring: copying here would corrupt last.ckpt
 
     @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._average_model is None:
+            # validate/test/predict: the checkpoint's state_dict already holds the EMA weights, which is all they use;
+            # Lightning's "The WeightAveraging state cannot be restored" warning would be a false alarm on every run
+            return
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None:
             self._copy_average_to_current(pl_module)

@@ -87,7 +87,7 @@ def test_timestep_schedule_uses_one_rho() -> None:
 
 
 def test_interrupted_sweep_keeps_finished_settings_and_a_rerun_skips_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "sweep"
 
@@ -128,17 +128,21 @@ def test_interrupted_sweep_keeps_finished_settings_and_a_rerun_skips_them(
     assert [int(r["nfe"]) for r in rows] == [2] and (out / "fid_vs_nfe.png").is_file()
 
     calls.clear()
+    capsys.readouterr()
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(a[2].nfe) or generate(*a, **k))
     trainer = L.Trainer(
         accelerator="cpu",
         logger=False,
-        enable_progress_bar=False,
+        enable_progress_bar=True,  # off a terminal: one line per computed setting, with its FID
         limit_test_batches=1,
         default_root_dir=tmp_path,
         callbacks=[make_sweep()],
     )
     trainer.test(model, dm, verbose=False)
     assert calls == [3, 4]  # NFE 2 was done: not recomputed
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NFE sweep")]
+    assert [line.split(":")[0] for line in lines] == ["NFE sweep euler NFE 3 rho 7", "NFE sweep euler NFE 4 rho 7"]
+    assert all(": FID " in line for line in lines)
     rows_after = list(csv.DictReader(open(out / "fid_vs_nfe.csv")))
     assert [int(r["nfe"]) for r in rows_after] == [2, 3, 4] and rows_after[0] == rows[0]
     for nfe, row in zip((2, 3, 4), rows_after, strict=True):  # logged from all rows, the old one included

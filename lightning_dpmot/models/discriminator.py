@@ -15,8 +15,9 @@ AOT's coupling applied to the discriminator's training pairs; the noise marginal
 i.i.d. noise). Logged: ``{train,val}/bce`` (= ``loss``), ``{train,val}/acc`` and, with OT, the mean pair cost
 before/after the assignment.
 
-The feature trunk is frozen (``feature: classifier`` copies the digits' FID classifier, fitted or read from the
-cache on the training split, in :meth:`setup`); only the head trains. Checkpoints hold the whole net, so
+The feature trunk starts from pretrained weights (``feature: classifier`` copies the digits' FID classifier,
+fitted or read from the cache on the training split, in :meth:`setup`) and is frozen (only the head trains) unless
+``freeze_features: false``. Checkpoints hold the whole net, so
 :func:`~lightning_dpmot.diffusion.discriminator_guidance.load_discriminator` needs neither data nor classifier cache.
 """
 
@@ -58,7 +59,7 @@ class DiscriminatorModule(L.LightningModule):
 
     Args:
         fake: the generated samples (``dpmot predict`` output).
-        feature, hidden, emb_channels, sigma_data: the network (:class:`TimeDiscriminator`).
+        feature, hidden, emb_channels, sigma_data, freeze_features: the network (:class:`TimeDiscriminator`).
         P_mean, P_std: the log-normal noise-level distribution (EDM's training one).
         noise_coupling: ``independent`` or ``ot`` (AOT-assigned perturbation noise).
         coupling_cost, coupling_solver: cost (``l2``, ``sqeuclidean``) and assignment solver of the OT coupling.
@@ -76,6 +77,7 @@ class DiscriminatorModule(L.LightningModule):
         hidden: int = 256,
         emb_channels: int = 64,
         sigma_data: float = 0.5,
+        freeze_features: bool = True,
         P_mean: float = -1.2,
         P_std: float = 1.2,
         noise_coupling: Coupling = "independent",
@@ -97,7 +99,9 @@ class DiscriminatorModule(L.LightningModule):
             raise ValueError(f"val_fake_fraction must be in (0, 1), got {val_fake_fraction}")
         self.save_hyperparameters()
         self.data_shape = tuple(int(s) for s in data_shape)
-        self.net = TimeDiscriminator(self.data_shape, feature, hidden, emb_channels, sigma_data, inception_weights)
+        self.net = TimeDiscriminator(
+            self.data_shape, feature, hidden, emb_channels, sigma_data, inception_weights, freeze_features
+        )
         self.fake_train: Tensor | None = None
         self.fake_val: Tensor | None = None
 

@@ -4,7 +4,7 @@ The network returns the logit ``l(x, sigma) = log(d / (1 - d))``, the quantity w
 correction (:mod:`~lightning_dpmot.diffusion.discriminator_guidance`). Structure (DG's ``classifier_lib.py``: a
 frozen pretrained encoder, a small trainable head):
 
-    z = features(s(sigma) * x)                    frozen feature trunk, (B, F)
+    z = features(s(sigma) * x)                    feature trunk (frozen by default), (B, F)
     e = PositionalEmbedding(ln(sigma) / 4)        EDM's c_noise, (B, E)
     l = MLP([z, e])                               trainable head, (B,)
 
@@ -110,6 +110,8 @@ class TimeDiscriminator(nn.Module):
         emb_channels: width of the noise-level embedding.
         sigma_data: data standard deviation of the input scale s(sigma).
         inception_weights: Inception weights file (``feature="inception"``).
+        freeze_features: keep the trunk frozen (DG's choice with a noise-aware pretrained encoder); ``False``
+            fine-tunes it with the head, from its pretrained weights, on the noisy inputs.
     """
 
     def __init__(
@@ -120,11 +122,13 @@ class TimeDiscriminator(nn.Module):
         emb_channels: int = 64,
         sigma_data: float = 0.5,
         inception_weights: str | None = None,
+        freeze_features: bool = True,
     ) -> None:
         super().__init__()
         self.data_shape, self.sigma_data = tuple(data_shape), sigma_data
         self.features = feature_trunk(feature, self.data_shape, inception_weights)
-        self.features.requires_grad_(False)
+        self.freeze_features = freeze_features
+        self.features.requires_grad_(not freeze_features)
         self.embed = PositionalEmbedding(emb_channels, endpoint=True)
         self.head = nn.Sequential(
             nn.Linear(self.features.num_features + emb_channels, hidden),
@@ -136,7 +140,8 @@ class TimeDiscriminator(nn.Module):
 
     def train(self, mode: bool = True) -> TimeDiscriminator:
         super().train(mode)
-        self.features.eval()  # frozen: never in training mode
+        if self.freeze_features:
+            self.features.eval()  # frozen: never in training mode
         return self
 
     def input_scale(self, sigma: Tensor) -> Tensor:

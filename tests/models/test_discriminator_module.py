@@ -138,3 +138,12 @@ def test_frozen_trunks_pass_gradients_to_the_input() -> None:
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     trunk(x).sum().backward()
     assert trunk(x).shape == (1, 2048) and x.grad.abs().sum() > 0
+
+
+def test_freeze_features_switch() -> None:
+    frozen = TimeDiscriminator((1, 8, 8), "classifier")
+    tuned = TimeDiscriminator((1, 8, 8), "classifier", freeze_features=False)
+    assert not any(p.requires_grad for p in frozen.features.parameters())
+    assert all(p.requires_grad for p in tuned.features.parameters())
+    assert not frozen.train().features.training and tuned.train().features.training
+    assert all(p.requires_grad for p in frozen.head.parameters())

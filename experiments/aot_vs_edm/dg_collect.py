@@ -1,0 +1,63 @@
+"""Collect the discriminator-guidance sweeps (runs/dg/sweep_<arm>_w<w>_d<disc>[_smax<s>]/seed0) into
+results/dg_seed0.csv, with each discriminator's final validation BCE/accuracy.
+
+    python experiments/aot_vs_edm/dg_collect.py
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE / "runs" / "dg"
+FIELDS = ["arm", "guidance", "weight", "sigma_max", "disc", "disc_coupling", "disc_val_acc", "disc_val_bce"]
+KEEP = ["sampler", "nfe", "fid", "precision", "recall", "sec_per_sample", "num_samples", "seeds"]
+PATTERN = re.compile(r"sweep_(?P<arm>edm|aot)_w(?P<w>[0-9.]+)_d(?P<disc>[a-z]+)(?:_smax(?P<smax>[0-9.]+))?$")
+
+
+def disc_metrics(disc: str) -> tuple[str, str, str]:
+    """(coupling, last val/acc, last val/bce) of the discriminator run ``disc``."""
+    run = RUNS / f"disc_{disc}" / "seed0"
+    hparams = (run / "hparams.yaml").read_text()
+    coupling = re.search(r"noise_coupling: (\w+)", hparams).group(1)  # type: ignore[union-attr]
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/acc")]
+    return coupling, f"{float(rows[-1]['val/acc']):.4f}", f"{float(rows[-1]['val/bce']):.4f}"
+
+
+def main() -> None:
+    out = []
+    for run in sorted(RUNS.glob("sweep_*")):
+        match = PATTERN.match(run.name)
+        table = run / "seed0" / "fid_vs_nfe" / "fid_vs_nfe.csv"
+        if match is None or not table.is_file():
+            continue
+        weight = float(match["w"])
+        coupling, acc, bce = disc_metrics(match["disc"])
+        with open(table) as f:
+            for row in csv.DictReader(f):
+                out.append(
+                    {
+                        "arm": match["arm"],
+                        "guidance": "dg" if weight else "none",
+                        "weight": weight,
+                        "sigma_max": float(match["smax"] or 152.0),
+                        "disc": match["disc"],
+                        "disc_coupling": coupling,
+                        "disc_val_acc": acc,
+                        "disc_val_bce": bce,
+                        **{k: row[k] for k in KEEP},
+                    }
+                )
+    path = HERE / "results" / "dg_seed0.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS + KEEP)
+        writer.writeheader()
+        writer.writerows(sorted(out, key=lambda r: (r["arm"], r["weight"], r["sigma_max"], int(r["nfe"]))))
+    print(f"{len(out)} rows -> {path}")
+
+
+if __name__ == "__main__":
+    main()

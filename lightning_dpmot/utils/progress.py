@@ -104,7 +104,7 @@ class _RichProgress(Progress):
         )
         if self._own:
             self._progress.start()
-        self._task = self._progress.add_task(description, total=float(total) if total is not None else None)
+        self._task = self._progress.add_task(description, total=total)
 
     @property
     def console(self) -> Any:
@@ -115,6 +115,8 @@ class _RichProgress(Progress):
         text = self._postfix_text()
         description = f"{self.description} {text}" if text else self.description
         self._progress.update(self._task, completed=self.count, description=description)
+        # Lightning's live display redraws only when asked (soft_refresh); our own rich bar refreshes itself
+        getattr(self._progress, "soft_refresh", self._progress.refresh)()
 
     def _close(self) -> None:
         self._progress.remove_task(self._task)

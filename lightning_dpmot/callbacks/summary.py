@@ -105,7 +105,7 @@ class RunSummary(Callback):
     Args:
         max_metrics: most metrics shown (losses, FIDs, accuracies and scores first, then alphabetical).
         max_files: most new files (or folders of new files) shown.
-        stream: where to print (default ``sys.stdout``).
+        stream: where to print (default ``sys.stderr``, beside Lightning's messages; stdout stays for data).
     """
 
     def __init__(self, max_metrics: int = 16, max_files: int = 20, stream: TextIO | None = None) -> None:
@@ -154,7 +154,7 @@ class RunSummary(Callback):
 
     def print_summary(self, trainer: L.Trainer, stage: str) -> None:
         """Write :meth:`lines` to the stream."""
-        stream = self.stream or sys.stdout
+        stream = self.stream or sys.stderr
         stream.write("\n".join(self.lines(trainer, stage)) + "\n")
         stream.flush()
 

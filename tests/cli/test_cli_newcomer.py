@@ -146,7 +146,7 @@ def test_fit_summary_names_files_that_exist(
     monkeypatch.chdir(trained)
     capsys.readouterr()
     main(["fit", "--config", "tiny.yaml", "--trainer.logger.init_args.name=summary"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     paths = _summary_paths(out, "fit")
     assert Path("runs/summary/version_0") in paths and Path("runs/summary/version_0/checkpoints/last.ckpt") in paths
     assert Path("runs/summary/version_0/metrics.csv") in paths
@@ -174,7 +174,7 @@ def test_predict_and_test_from_a_checkpoint_write_into_the_training_run(
     for subcommand in ("predict", "test"):
         capsys.readouterr()
         main([subcommand, "--config", "tiny.yaml", "--ckpt_path", ckpt])
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         folders = sorted((trained / "runs/tiny/version_0").glob(f"{subcommand}-*"))
         assert len(folders) == 1 and (folders[0] / "config.yaml").is_file()
         assert all(p.exists() for p in _summary_paths(out, subcommand))

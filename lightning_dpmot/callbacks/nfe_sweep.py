@@ -228,7 +228,7 @@ class NFESweep(L.Callback):
             row = done[setting_key(self.setting(spec, checkpoint))]
             pl_module.log(f"test/fid_{spec.tag}@nfe={spec.nfe}", float(row["fid"]), sync_dist=False)
         measure = self.curvature_samples and not (out_dir / "curvature.json").is_file()
-        curvature = self.measure_curvature(pl_module) if measure and trainer.is_global_zero else {}
+        curvature = self.measure_curvature(pl_module, trainer) if measure and trainer.is_global_zero else {}
         if trainer.is_global_zero:
             self.write(out_dir, curvature)
             rank_zero_info(f"NFESweep: {csv_path}\n{format_table(self.rows)}")
@@ -324,11 +324,17 @@ class NFESweep(L.Callback):
         """The training split's images and their nearest-neighbour distances (computed once)."""
         if self._train_images is None:
             loader = torch.utils.data.DataLoader(trainer.datamodule.dataset("train"), batch_size=1024)
-            self._train_images = torch.cat([b["x"] for b in loader]).float().to(device)
-            self._train_nn = self_nearest_distance(self._train_images)
+            with progress(trainer, len(loader) + 1, "copy rate: training images and their nearest neighbours") as bar:
+                images = []
+                for batch in loader:
+                    images.append(batch["x"])
+                    bar.advance()
+                self._train_images = torch.cat(images).float().to(device)
+                self._train_nn = self_nearest_distance(self._train_images)
+                bar.advance()
         return self._train_images, self._train_nn
 
-    def measure_curvature(self, pl_module: L.LightningModule) -> dict[str, float]:
+    def measure_curvature(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> dict[str, float]:
         """Straightness of the module's own Heun trajectories on a fine rho = 7 grid (rank 0, no collectives).
 
         The trajectories are recorded through ``generate``'s step callback, so they start where the module's
@@ -337,7 +343,14 @@ class NFESweep(L.Callback):
         spec = SamplerSpec("heun", num_steps=self.curvature_steps)
         seeds = torch.arange(self.curvature_samples) + 10_000_000
         recorder = TrajectoryRecorder()
-        pl_module.generate(seeds, pl_module.generation_conditions(seeds), spec, callback=recorder)
+
+        with progress(trainer if trainer is not None else False, self.curvature_steps, "trajectory curvature") as bar:
+
+            def record(info: dict[str, Any]) -> None:
+                recorder(info)
+                bar.advance()
+
+            pl_module.generate(seeds, pl_module.generation_conditions(seeds), spec, callback=record)
         metrics = mean_trajectory_metrics(*recorder.stack())
         return {**metrics, "num_samples": self.curvature_samples, "heun_steps": self.curvature_steps}
 

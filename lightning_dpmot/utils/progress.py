@@ -7,8 +7,8 @@ One context manager, :func:`progress`, drawn like the trainer's progress bar:
 - any other progress bar, or no trainer -> a tqdm bar that disappears when done;
 - ``--trainer.enable_progress_bar false`` (``trainer.progress_bar_callback is None``), a non-zero rank or
   ``enabled=False`` -> nothing at all;
-- output that is not a terminal (CI logs, ``> log.txt``) -> no bar, one line per phase when it ends (and only when it
-  took ``min_line_seconds`` or has a result), never carriage-return spam.
+- output that is not a terminal (CI logs, ``> log.txt``) -> no bar, one line per phase on stderr when it ends (and
+  only when it took ``min_line_seconds`` or has a result), never carriage-return spam.
 
 Usage::
 
@@ -153,11 +153,13 @@ def progress(
         total: number of units (``None``: unknown).
         description: what is running, e.g. ``"sample grid"`` or ``"NFE sweep heun NFE 35 rho 7"``.
         min_line_seconds: off a terminal, phases shorter than this and without a result print nothing.
-        stream: where bars and lines go (default: ``sys.stdout``, like Lightning's bars).
+        stream: where bars and lines go (default: bars on ``sys.stdout`` like Lightning's, the lines printed off a
+            terminal on ``sys.stderr`` with the log messages, so that piped stdout stays clean).
 
     Yields:
         A :class:`Progress`: call ``advance()`` per unit and optionally ``result(message)``.
     """
+    line_stream = stream or sys.stderr
     stream = stream or sys.stdout
     if not progress_enabled(source):
         yield Progress(total, description)
@@ -181,7 +183,7 @@ def progress(
         handle._close()
     show = handle.message is not None or (not terminal and handle.seconds() >= min_line_seconds)
     if show:
-        _print_line(handle, stream)
+        _print_line(handle, stream if terminal else line_stream)
 
 
 def _print_line(handle: Progress, stream: TextIO) -> None:

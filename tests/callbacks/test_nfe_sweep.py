@@ -140,7 +140,7 @@ def test_interrupted_sweep_keeps_finished_settings_and_a_rerun_skips_them(
     )
     trainer.test(model, dm, verbose=False)
     assert calls == [3, 4]  # NFE 2 was done: not recomputed
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NFE sweep")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("NFE sweep")]
     assert [line.split(":")[0] for line in lines] == ["NFE sweep euler NFE 3 rho 7", "NFE sweep euler NFE 4 rho 7"]
     assert all(": FID " in line for line in lines)
     rows_after = list(csv.DictReader(open(out / "fid_vs_nfe.csv")))

@@ -58,6 +58,7 @@ from lightning_dpmot.errors import NonFiniteError, TrainingInterrupted
 from lightning_dpmot.run_dirs import (
     STAMP_ENV,
     explicit_output_flags,
+    logger_configs,
     name_wandb_loggers,
     redirect_to_training_run,
     run_stamp,
@@ -363,7 +364,7 @@ class DPMOTCLI(LightningCLI):
         root = trainer.get("default_root_dir")
         if self.subcommand is not None:
             check_writable(root or os.getcwd(), "trainer.default_root_dir" if root else "the working directory")
-        for logger in self._logger_configs(trainer.get("logger")):
+        for logger in logger_configs(trainer.get("logger")):
             init_args = logger.get("init_args")
             save_dir = init_args.get("save_dir") if init_args is not None else None
             if save_dir is None:
@@ -392,14 +393,6 @@ class DPMOTCLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = f"config-resume-{stamp}.yaml"
         what = "continuing in" if self.subcommand == "fit" else "writing to"
         _say(f"{what} {os.path.relpath(folder)} (the folder of the checkpoint's training run)")
-
-    @staticmethod
-    def _logger_configs(logger: Any) -> list[Namespace]:
-        if isinstance(logger, Namespace):
-            return [logger]
-        if isinstance(logger, list):
-            return [item for item in logger if isinstance(item, Namespace)]
-        return []
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:

@@ -8,12 +8,14 @@ score model's own forward process and training distribution of noise levels (EDM
 
     x_sigma = x_0 + sigma n,   ln sigma ~ N(P_mean, P_std^2),   n ~ N(0, I)
 
-and minimises the binary cross-entropy of the logit l(x_sigma, sigma) with label 1 for real, 0 for fake (DG's
-``train.py``; Adam 3e-4, weight decay 1e-7). ``noise_coupling: ot`` re-pairs the noises of the real batch and,
-separately, of the fake batch with their data by the minibatch OT assignment (``coupling_cost`` between x_0 and n),
-AOT's coupling applied to the discriminator's training pairs; the noise marginal is unchanged (a permutation of
-i.i.d. noise). Logged: ``{train,val}/bce`` (= ``loss``), ``{train,val}/acc`` and, with OT, the mean pair cost
-before/after the assignment.
+(``sigma_sampling: loguniform``: ln sigma uniform on [ln sigma_min, ln sigma_max] instead, covering the sampler's
+whole range as DG's importance-sampled VP times do) and minimises the binary cross-entropy of the logit
+l(x_sigma, sigma) with label 1 for real, 0 for fake (DG's ``train.py``; Adam 3e-4, weight decay 1e-7).
+
+``noise_coupling: ot`` re-pairs the noises of the real batch and, separately, of the fake batch with their data by
+the minibatch OT assignment (``coupling_cost`` between x_0 and n): AOT's coupling applied to the discriminator's
+training pairs; the noise marginal is unchanged (a permutation of i.i.d. noise). Logged: ``{train,val}/bce``
+(= ``loss``), ``{train,val}/acc`` and, with OT, the mean pair cost before/after the assignment.
 
 The feature trunk starts from pretrained weights (``feature: classifier`` copies the digits' FID classifier,
 fitted or read from the cache on the training split, in :meth:`setup`) and is frozen (only the head trains) unless
@@ -23,6 +25,7 @@ fitted or read from the cache on the training split, in :meth:`setup`) and is fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -61,6 +64,7 @@ class DiscriminatorModule(L.LightningModule):
         fake: the generated samples (``dpmot predict`` output).
         feature, hidden, emb_channels, sigma_data, freeze_features: the network (:class:`TimeDiscriminator`).
         P_mean, P_std: the log-normal noise-level distribution (EDM's training one).
+        sigma_sampling: ``lognormal`` (P_mean, P_std) or ``loguniform`` on [sigma_min, sigma_max].
         noise_coupling: ``independent`` or ``ot`` (AOT-assigned perturbation noise).
         coupling_cost, coupling_solver: cost (``l2``, ``sqeuclidean``) and assignment solver of the OT coupling.
         val_fake_fraction: fraction of the fakes held out for validation.
@@ -80,6 +84,9 @@ class DiscriminatorModule(L.LightningModule):
         freeze_features: bool = True,
         P_mean: float = -1.2,
         P_std: float = 1.2,
+        sigma_sampling: Literal["lognormal", "loguniform"] = "lognormal",
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
         noise_coupling: Coupling = "independent",
         coupling_cost: Literal["l2", "sqeuclidean"] = "l2",
         coupling_solver: str = "exact",
@@ -95,6 +102,8 @@ class DiscriminatorModule(L.LightningModule):
         super().__init__()
         if noise_coupling not in ("independent", "ot"):
             raise ValueError(f"noise_coupling must be 'independent' or 'ot', got {noise_coupling!r}")
+        if sigma_sampling not in ("lognormal", "loguniform") or not 0 < sigma_min < sigma_max:
+            raise ValueError("sigma_sampling must be 'lognormal' or 'loguniform' with 0 < sigma_min < sigma_max")
         if not 0.0 < val_fake_fraction < 1.0:
             raise ValueError(f"val_fake_fraction must be in (0, 1), got {val_fake_fraction}")
         self.save_hyperparameters()
@@ -125,12 +134,20 @@ class DiscriminatorModule(L.LightningModule):
             self.net.features.copy_from(classifier)  # type: ignore[union-attr,operator]
 
     # ------------------------------------------------------------------------------------------------ loss
+    def draw_sigma(self, n: int, generator: torch.Generator) -> Tensor:
+        """(n,) noise levels from the training distribution (``sigma_sampling``)."""
+        hp = self.hparams
+        if hp.sigma_sampling == "loguniform":
+            lo, hi = math.log(hp.sigma_min), math.log(hp.sigma_max)
+            return (lo + (hi - lo) * torch.rand(n, generator=generator)).exp()
+        return (torch.randn(n, generator=generator) * hp.P_std + hp.P_mean).exp()
+
     def noised_logits(
         self, x0: Tensor, is_real: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits (2B,) of x0 (2B, *S) noised at log-normal levels; real and fake rows coupled apart under OT."""
         hp = self.hparams
-        sigma = (torch.randn(len(x0), generator=generator) * hp.P_std + hp.P_mean).exp().to(x0.device)
+        sigma = self.draw_sigma(len(x0), generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         extra: dict[str, Tensor] = {}
         if hp.noise_coupling == "ot":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import lightning as L
@@ -147,3 +148,16 @@ def test_freeze_features_switch() -> None:
     assert all(p.requires_grad for p in tuned.features.parameters())
     assert not frozen.train().features.training and tuned.train().features.training
     assert all(p.requires_grad for p in frozen.head.parameters())
+
+
+def test_sigma_sampling_distributions(tmp_path: Path) -> None:
+    fake = str(blank_fakes(tmp_path / "fake.npz"))
+    g = torch.Generator().manual_seed(0)
+    log_sigma = DiscriminatorModule(fake=fake, feature="none").draw_sigma(200_000, g).log()
+    assert abs(float(log_sigma.mean()) + 1.2) < 0.01 and abs(float(log_sigma.std()) - 1.2) < 0.01
+    uniform = DiscriminatorModule(fake=fake, feature="none", sigma_sampling="loguniform", sigma_min=0.01, sigma_max=100)
+    u = (uniform.draw_sigma(200_000, g).log() - math.log(0.01)) / math.log(1e4)  # U(0, 1)
+    assert 0 <= float(u.min()) and float(u.max()) <= 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    with pytest.raises(ValueError, match="sigma_sampling"):
+        DiscriminatorModule(fake=fake, sigma_sampling="uniform")  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from jsonargparse import Namespace
 from lightning_dpmot.callbacks.summary import RunSummary, new_files
 from lightning_dpmot.cli import main
 from lightning_dpmot.cli_help import SUBCOMMAND_HELP, describe_config, did_you_mean, shipped_configs
-from lightning_dpmot.run_dirs import name_wandb_loggers, training_run_dir
+from lightning_dpmot.run_dirs import name_wandb_loggers, redirect_to_training_run, training_run_dir
 
 QUICKSTART = str(REPO / "configs/quickstart.yaml")
 
@@ -228,3 +228,30 @@ def test_name_wandb_loggers_leaves_named_runs_alone() -> None:
     trainer = Namespace(logger=[csv_logger, named])
     name_wandb_loggers(trainer)
     assert named.init_args.name == "job" and named.init_args.save_dir == "runs"
+
+
+def _csv(name: str) -> Namespace:
+    return Namespace(
+        class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="runs", name=name, version=None)
+    )
+
+
+def test_redirect_names_the_evaluation_and_never_reuses_a_folder(tmp_path: Path) -> None:
+    run = tmp_path / "runs/quickstart/version_3"
+    run.mkdir(parents=True)
+    trainer = Namespace(logger=[_csv("eval")])  # configs/eval/fid_vs_nfe.yaml renames the logger
+    folder = redirect_to_training_run(trainer, "test", run, "20260101-000000")
+    assert folder == run / "test-eval-20260101-000000"
+    args = trainer.logger[0].init_args
+    assert (Path(args.save_dir) / args.name / args.version) == folder
+    folder.mkdir()
+    again = redirect_to_training_run(Namespace(logger=[_csv("quickstart")]), "predict", run, "20260101-000000")
+    assert again == run / "predict-20260101-000000"
+    folder2 = redirect_to_training_run(Namespace(logger=[_csv("eval")]), "test", run, "20260101-000000")
+    assert folder2 == run / "test-eval-20260101-000000-2"
+    default = Namespace(logger=None)  # Lightning's default logger would write runs/lightning_logs/version_N
+    assert redirect_to_training_run(default, "validate", run, "x").parent == run
+    resumed = Namespace(logger=[_csv("quickstart")])
+    assert redirect_to_training_run(resumed, "fit", run, "x") == run
+    assert resumed.logger[0].class_path == "lightning_dpmot.loggers.ResumableCSVLogger"
+    assert Path(resumed.logger[0].init_args.save_dir) / resumed.logger[0].init_args.version == run

@@ -130,6 +130,16 @@ class SaveConfigToLoggers(SaveConfigCallback):
                 logger.experiment.config.update(yaml.safe_load(config), allow_val_change=True)
 
 
+_LINKED = ("data_shape", "num_classes")
+
+
+def _same_value(stored: Any, wanted: Any) -> bool:
+    """A checkpoint's stored value equals the config's (a function equals its dotted import path)."""
+    if callable(wanted) and isinstance(stored, str):
+        return stored == f"{getattr(wanted, '__module__', '')}.{getattr(wanted, '__qualname__', '')}"
+    return _plain(stored) == wanted
+
+
 class DPMOTCLI(LightningCLI):
     """LightningCLI with the project's links, defaults and safety checks (see the module docstring)."""
 
@@ -224,7 +234,11 @@ class DPMOTCLI(LightningCLI):
         conflicts = [
             k
             for k in sorted(stored)
-            if k in wanted and wanted[k] is not None and not k.endswith("class_path") and _plain(stored[k]) != wanted[k]
+            if k in wanted
+            and wanted[k] is not None
+            and not k.endswith("class_path")
+            and k not in _LINKED  # set from the DataModule at instantiation; checked in after_instantiate_classes
+            and not _same_value(stored[k], wanted[k])
         ]
         for key in conflicts:
             both = (

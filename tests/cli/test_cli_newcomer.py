@@ -178,6 +178,8 @@ def test_predict_and_test_from_a_checkpoint_write_into_the_training_run(
         folders = sorted((trained / "runs/tiny/version_0").glob(f"{subcommand}-*"))
         assert len(folders) == 1 and (folders[0] / "config.yaml").is_file()
         assert all(p.exists() for p in _summary_paths(out, subcommand))
+        assert "warning: the config gives model" not in out  # linked num_classes, default optimizer: no false alarm
+        assert f"writing to runs/tiny/version_0/{folders[0].name}" in out
     assert sorted(p.name for p in (trained / "runs/tiny").iterdir()) == ["version_0"]  # no version_1
     assert list((trained / "runs/tiny/version_0").glob("predict-*/predictions/*.png"))
     assert "test/loss" in out

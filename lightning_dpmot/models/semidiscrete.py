@@ -1,7 +1,7 @@
 """Fit the DPM-OT potential h under Lightning: ``dpmot fit --config configs/dpm_ot/<...>_fit.yaml``.
 
 :class:`SemiDiscreteOTModule` wraps :class:`~lightning_dpmot.ot.semidiscrete.SemiDiscreteOT` with manual
-optimisation: every training step is one Monte Carlo Adam iteration on h (``SemiDiscreteOT.step``). The
+optimisation: every training step is one Monte Carlo iteration on h (``SemiDiscreteOT.step``, averaged SGD or Adam). The
 DataModule's training batches are ignored; the DataModule supplies the target images (``setup``) and sets the
 rhythm of epochs, hence of ModelCheckpoint's epoch-end saves (choose ``batch_size`` so an epoch is ~100 steps).
 
@@ -16,7 +16,8 @@ Data flow:
    the rule of ``SemiDiscreteOT.fit``: the step's own debiased error passes and so does the held-out one. Both
    therefore stop at the same iteration with the same h.
 
-Checkpoints hold the solver state (h, Adam m and v, iteration, M, lr, schedule) but not the targets: they are
+Checkpoints hold the solver state (h, the ASGD iterate, Adam m and v, iteration, M, lr, schedule) but not the targets:
+they are
 rebuilt deterministically on resume and checked against the SHA-256 stored in ``checkpoint["dpm_ot"]``.
 
 Multi-GPU (DDP): every rank holds all targets and h; MC chunks are split over ranks and the histogram is summed,
@@ -57,7 +58,11 @@ TARGETS_FILENAME = "ot_targets.pt"
 SUMMARY_FILENAME = "ot_fit.json"
 #: Hyperparameters that checkpoints written before :class:`SemiDiscreteConfig` held at the top level (now nested under
 #: ``solver``); ``seed`` stays the module's (it seeded the targets and, then as now by default, the MC streams).
-LEGACY_SOLVER_KEYS: tuple[str, ...] = tuple(name for name in SemiDiscreteConfig.field_names() if name != "seed")
+LEGACY_SOLVER_KEYS: tuple[str, ...] = tuple(
+    name
+    for name in SemiDiscreteConfig.field_names()
+    if name not in ("seed", "optimizer", "lr_exponent", "average_power")
+)
 _STEP_LOGS = ("g_norm", "max_abs_err", "mean_abs_err", "max_rel_err", "rel_rms_err", "empty_cells", "energy")
 _PROGRESS = ("rel_rms_err", "empty_cells")
 
@@ -78,8 +83,9 @@ def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
     Checkpoints written before :class:`SemiDiscreteConfig` hold the settings as flat keys (``lr``,
     ``num_mc_samples``, ..., :data:`LEGACY_SOLVER_KEYS`); they are moved into ``solver`` unchanged, which rebuilds the
-    identical solver (the module's ``seed`` still seeds the MC streams: ``solver.seed`` is None). Current
-    hyperparameters are returned as they are (copied).
+    identical solver (the module's ``seed`` still seeds the MC streams: ``solver.seed`` is None). Solver settings
+    written before the ``optimizer`` setting existed are Adam's: ``optimizer: adam`` is added (the default is now
+    averaged SGD). Current hyperparameters are returned as they are (copied).
 
     Raises:
         ValueError: flat solver keys next to a ``solver`` entry, or invalid settings (named).
@@ -92,9 +98,11 @@ def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
                 f"hyperparameters hold both a 'solver' config and the pre-SemiDiscreteConfig flat solver keys "
                 f"{sorted(legacy)}; keep only 'solver'"
             )
-        hp["solver"] = SemiDiscreteConfig.from_mapping(legacy).as_dict()
+        hp["solver"] = SemiDiscreteConfig.from_mapping({"optimizer": "adam", **legacy}).as_dict()
     elif isinstance(hp.get("solver"), SemiDiscreteConfig):
         hp["solver"] = hp["solver"].as_dict()
+    if isinstance(hp.get("solver"), Mapping) and "optimizer" not in hp["solver"]:
+        hp["solver"] = {**hp["solver"], "optimizer": "adam"}  # written before averaged SGD existed
     return hp
 
 
@@ -113,7 +121,7 @@ def _plain_floats(diag: dict[str, float]) -> dict[str, float]:
 
 
 class SemiDiscreteOTModule(L.LightningModule):
-    """Semi-discrete OT potential from noise to junction latents, one Adam iteration per training step.
+    """Semi-discrete OT potential from noise to junction latents, one solver iteration per training step.
 
     Args:
         data_shape: sample shape, linked from the DataModule (checked against the targets).
@@ -303,9 +311,8 @@ class SemiDiscreteOTModule(L.LightningModule):
         iteration = int(solver.iteration)
         if iteration % self.hparams.eval_every == 0:
             evaluation = self.evaluate()
-            # SemiDiscreteOT.fit's rule: the step's own (pre-update) error gates the held-out decision
-            gate = diag["rel_rms_err"] <= solver.config.tol and diag["empty_cells"] == 0
-            self.converged = gate and solver.is_converged(evaluation)
+            # SemiDiscreteOT.fit's rule: the step's own (pre-update) error gates the held-out decision (Adam only)
+            self.converged = solver.step_passes(diag) and solver.is_converged(evaluation)
             self.log("ot_eval/converged", float(self.converged), batch_size=1)
             if self.converged and self.hparams.stop_when_converged:
                 self.trainer.should_stop = True
@@ -366,7 +373,8 @@ class SemiDiscreteOTModule(L.LightningModule):
             raise ValueError("not a SemiDiscreteOTModule checkpoint: it has no 'dpm_ot' entry")
         hparams = checkpoint.get("hyper_parameters") or {}
         legacy = sorted(set(hparams) & set(LEGACY_SOLVER_KEYS))
-        if legacy:  # written before SemiDiscreteConfig: nest the flat solver settings as the module now saves them
+        if legacy or "optimizer" not in (hparams.get("solver") or {"optimizer": None}):
+            # written before SemiDiscreteConfig (flat solver settings) or before averaged SGD (Adam): the current form
             checkpoint["hyper_parameters"] = migrate_hparams(hparams)
         if self.solver is None:
             note = (

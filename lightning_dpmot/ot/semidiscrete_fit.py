@@ -107,9 +107,9 @@ def fit_loop(
             history.append(diag)
             postfix = {} if i % 10 else _postfix(diag)
             bar.advance(**postfix)
-            # cheap gate on this step's own (pre-update) debiased RMS error, a lower bound of the max error,
-            # before paying for a held-out evaluation
-            if (i + 1) % eval_every == 0 and diag["rel_rms_err"] <= tol and diag["empty_cells"] == 0:
+            # Adam: cheap gate on this step's own (pre-update) debiased RMS error, a lower bound of the max error,
+            # before paying for a held-out evaluation; ASGD: always evaluate (the step saw the iterate, not the mean)
+            if (i + 1) % eval_every == 0 and solver.step_passes(diag, tol):
                 evaluation, evaluated_at = solver.evaluate(eval_num_samples), i
                 if solver.is_converged(evaluation, tol):
                     converged = True

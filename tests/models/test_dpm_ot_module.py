@@ -213,8 +213,13 @@ def test_ot_checkpoint_from_before_the_solver_config_resumes_through_the_cli(
     upgrades them (SemiDiscreteOTModule.upgrade_hparams) and DPMOTModule samples from them."""
     ckpt = torch.load(ckpts["ot"], weights_only=True)
     hparams = dict(ckpt["hyper_parameters"])
-    solver = {k: v for k, v in hparams.pop("solver").items() if k != "seed"}
+    new_keys = ("seed", "optimizer", "lr_exponent", "average_power")  # (the last three came with averaged SGD)
+    solver = {k: v for k, v in hparams.pop("solver").items() if k not in new_keys}
     old = dict(ckpt, hyper_parameters={**hparams, **solver})
+    # an old (Adam) state: no ASGD iterate, no optimizer in the solver's extra state (h, m, v, schedule are kept)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k != "solver.h_iterate"}
+    state["solver._extra_state"] = {k: v for k, v in state["solver._extra_state"].items() if k != "optimizer"}
+    old["state_dict"] = state
     assert "solver" not in old["hyper_parameters"] and old["hyper_parameters"]["num_mc_samples"] == 2048
     torch.save(old, tmp_path / "old.ckpt")
     resumed = ot_checkpoint(tmp_path / "resumed", 0.5, 5, f"--ckpt_path={tmp_path / 'old.ckpt'}")

@@ -132,17 +132,24 @@ def legacy_hparams(hparams: dict[str, object]) -> dict[str, object]:
     old = {k: v for k, v in hparams.items() if k != "solver"}
     flat = dict(hparams["solver"])  # type: ignore[arg-type]
     assert flat.pop("seed") is None  # the module's seed seeded the MC streams
+    assert flat.pop("optimizer") == "adam"  # settings added with averaged SGD: absent from old checkpoints
+    flat.pop("lr_exponent"), flat.pop("average_power")
     assert set(flat) == set(LEGACY_SOLVER_KEYS)
     old.update(flat)
     return old
 
 
 def test_checkpoints_from_before_the_solver_config_still_load(tmp_path: Path) -> None:
-    module = fit(tmp_path, max_steps=3, solver=dict(patience=7, lr=0.03), eval_every=100)
+    adam = dict(patience=7, lr=0.03, optimizer="adam")  # checkpoints from before the config are Adam runs
+    module = fit(tmp_path, max_steps=3, solver=adam, eval_every=100)
     last = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["hyper_parameters"]["solver"]["patience"] == 7  # nested, plain
     old = dict(ckpt, hyper_parameters=legacy_hparams(ckpt["hyper_parameters"]))
+    # nor did they hold the ASGD iterate or name the optimizer in the solver's extra state
+    state = {k: v for k, v in ckpt["state_dict"].items() if k != "solver.h_iterate"}
+    state["solver._extra_state"] = {k: v for k, v in state["solver._extra_state"].items() if k != "optimizer"}
+    old["state_dict"] = state
     assert "solver" not in old["hyper_parameters"] and old["hyper_parameters"]["num_mc_samples"] == 2048
     torch.save(old, tmp_path / "old.ckpt")
     new_solver, _, _ = load_ot_checkpoint(last)
@@ -155,8 +162,8 @@ def test_checkpoints_from_before_the_solver_config_still_load(tmp_path: Path) ->
     with pytest.raises(ValueError, match="cannot be loaded on its own.*predates SemiDiscreteConfig.*init_args.solver"):
         SemiDiscreteOTModule.load_from_checkpoint(tmp_path / "old.ckpt")
     # resuming an old checkpoint with the new module continues exactly
-    resumed = fit(tmp_path, max_steps=6, ckpt_path=str(tmp_path / "old.ckpt"), solver=dict(patience=7, lr=0.03))
-    straight = fit(tmp_path / "straight", max_steps=6, solver=dict(patience=7, lr=0.03), eval_every=100)
+    resumed = fit(tmp_path, max_steps=6, ckpt_path=str(tmp_path / "old.ckpt"), solver=adam)
+    straight = fit(tmp_path / "straight", max_steps=6, solver=adam, eval_every=100)
     assert torch.equal(resumed.solver.h, straight.solver.h)
 
 
@@ -164,12 +171,19 @@ def test_migrating_hyperparameters() -> None:
     current = {"seed": 1, "solver": SemiDiscreteConfig(tol=0.2).as_dict()}
     assert migrate_hparams(current) == current
     assert migrate_hparams({"seed": 1, "solver": SemiDiscreteConfig(tol=0.2)}) == current
-    assert migrate_hparams({"seed": 1, "tol": 0.2}) == current
+    # flat (pre-config) keys and solver mappings without 'optimizer' were written by Adam runs
+    old = {"seed": 1, "solver": SemiDiscreteConfig(tol=0.2, optimizer="adam").as_dict()}
+    assert migrate_hparams({"seed": 1, "tol": 0.2}) == old
     assert SemiDiscreteOTModule.upgrade_hparams({"_class_path": "x", "seed": 1, "tol": 0.2}) == {
         "_class_path": "x",
-        **current,
+        **old,
     }
-    assert solver_config({"seed": 1, "tol": 0.2}) == SemiDiscreteConfig(tol=0.2, seed=1)
+    assert solver_config({"seed": 1, "tol": 0.2}) == SemiDiscreteConfig(tol=0.2, seed=1, optimizer="adam")
+    no_optimizer = {
+        k: v for k, v in current["solver"].items() if k not in ("optimizer", "lr_exponent", "average_power")
+    }
+    assert solver_config({"seed": 1, "solver": no_optimizer}) == SemiDiscreteConfig(tol=0.2, seed=1, optimizer="adam")
+    assert SemiDiscreteConfig().optimizer == "asgd" and solver_config(current).optimizer == "asgd"
     with pytest.raises(ValueError, match=r"both a 'solver' config and the pre-SemiDiscreteConfig flat solver keys"):
         migrate_hparams({"solver": {}, "lr": 0.1})
     with pytest.raises(ValueError, match="tol must be positive"):

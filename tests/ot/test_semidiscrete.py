@@ -58,7 +58,9 @@ def test_line_matches_closed_form_potential_masses_and_energy() -> None:
     y = torch.tensor([-2.0, -0.5, 0.3, 1.0, 2.5])
     nu = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15])
     h_star, energy_star = line_closed_form(y, nu)
-    solver = SemiDiscreteOT(y[:, None], nu, lr=0.05, num_mc_samples=16384, chunk_size=4096, patience=20)
+    solver = SemiDiscreteOT(
+        y[:, None], nu, optimizer="adam", lr=0.05, num_mc_samples=16384, chunk_size=4096, patience=20
+    )
     result = solver.fit(400, tol=0.01, progress=False)
     assert result["converged"]
     assert (solver.h.double() - h_star).abs().max() < 0.03
@@ -71,7 +73,7 @@ def test_line_matches_closed_form_potential_masses_and_energy() -> None:
 
 
 def test_symmetric_square_keeps_h_at_zero() -> None:
-    solver = SemiDiscreteOT(SQUARE, lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20)
+    solver = SemiDiscreteOT(SQUARE, optimizer="adam", lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20)
     solver.fit(150, progress=False)
     assert solver.h.abs().max() < 0.03
     assert (quadrature_masses(solver) - 0.25).abs().max() < 5e-3
@@ -81,7 +83,9 @@ def test_symmetric_square_keeps_h_at_zero() -> None:
 def test_asymmetric_masses_are_matched(source: str) -> None:
     nu = torch.tensor([0.4, 0.3, 0.2, 0.1])
     lr = 0.05 if source == "gaussian" else 0.015
-    solver = SemiDiscreteOT(SQUARE, nu, source=source, lr=lr, num_mc_samples=8192, chunk_size=4096, patience=20)
+    solver = SemiDiscreteOT(
+        SQUARE, nu, source=source, optimizer="adam", lr=lr, num_mc_samples=8192, chunk_size=4096, patience=20
+    )
     result = solver.fit(300, tol=0.02, progress=False)
     assert result["converged"]
     assert (quadrature_masses(solver) - nu.double()).abs().max() < 0.01
@@ -131,7 +135,7 @@ def test_fitted_potential_agrees_with_pot_solver() -> None:
     )
     h_pot = torch.from_numpy((g - targets.square().sum(dim=1).numpy()) / 2)
     h_pot -= h_pot.mean()
-    solver = SemiDiscreteOT(targets, nu, lr=0.05, num_mc_samples=32768, chunk_size=8192, patience=20)
+    solver = SemiDiscreteOT(targets, nu, optimizer="adam", lr=0.05, num_mc_samples=32768, chunk_size=8192, patience=20)
     assert solver.fit(300, tol=0.01, progress=False)["converged"]
     assert (solver.h.double() - h_pot).abs().max() < 0.03
     x = torch.randn(100_000, 3, generator=gen)
@@ -185,7 +189,9 @@ def test_antithetic_scores_reflections_from_the_same_gemm() -> None:
 
 def test_antithetic_fit_balances_the_cells() -> None:
     nu = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    solver = SemiDiscreteOT(SQUARE, nu, lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20, antithetic=True)
+    solver = SemiDiscreteOT(
+        SQUARE, nu, optimizer="adam", lr=0.05, num_mc_samples=8192, chunk_size=4096, patience=20, antithetic=True
+    )
     solver.fit(300, tol=0.02, progress=False)
     assert (quadrature_masses(solver) - nu.double()).abs().max() < 0.01
 
@@ -195,7 +201,9 @@ def test_antithetic_fit_balances_the_cells() -> None:
 
 def test_step_is_adam_without_bias_correction_on_the_masses_of_its_iteration() -> None:
     gen = torch.Generator().manual_seed(6)
-    solver = SemiDiscreteOT(torch.randn(16, 4, generator=gen), lr=0.1, bias_correction=False, chunk_size=256)
+    solver = SemiDiscreteOT(
+        torch.randn(16, 4, generator=gen), optimizer="adam", lr=0.1, bias_correction=False, chunk_size=256
+    )
     grad = (solver.cell_masses(iteration=0) - solver.nu).float()
     diag = solver.step()
     m, v = 0.1 * grad, 0.001 * grad.square()
@@ -207,7 +215,9 @@ def test_step_is_adam_without_bias_correction_on_the_masses_of_its_iteration() -
 
 
 def test_stalls_double_the_samples_and_decay_lr_at_most_max_doublings_times() -> None:
-    solver = SemiDiscreteOT(SQUARE, lr=1.0, num_mc_samples=100, chunk_size=100, patience=2, max_doublings=2)
+    solver = SemiDiscreteOT(
+        SQUARE, optimizer="adam", lr=1.0, num_mc_samples=100, chunk_size=100, patience=2, max_doublings=2
+    )
     norms = [1.0, 2.0, 2.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
     for g_norm in norms:
         solver._schedule(g_norm)
@@ -221,7 +231,9 @@ def test_stalls_double_the_samples_and_decay_lr_at_most_max_doublings_times() ->
 
 def _make_resumable() -> SemiDiscreteOT:
     targets = torch.randn(24, 5, generator=torch.Generator().manual_seed(7))
-    return SemiDiscreteOT(targets, num_mc_samples=300, chunk_size=128, patience=0, max_doublings=2, seed=11)
+    return SemiDiscreteOT(
+        targets, optimizer="adam", num_mc_samples=300, chunk_size=128, patience=0, max_doublings=2, seed=11
+    )
 
 
 def test_resume_from_state_dict_is_exact(tmp_path: Path) -> None:

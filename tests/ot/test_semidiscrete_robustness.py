@@ -90,7 +90,7 @@ def test_targets_beyond_the_fp32_score_range_are_refused_clearly(scale: float, s
 
 def test_targets_at_the_origin_are_still_accepted() -> None:
     solver = SemiDiscreteOT(torch.zeros(3, 2))
-    assert solver.score_scale == 0.0 and float(solver.lr) == pytest.approx(0.02)
+    assert solver.score_scale == 0.0 and float(solver.lr) == pytest.approx(0.25)  # DEFAULT_ASGD_RELATIVE_LR x 1
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -141,7 +141,9 @@ def test_bad_settings_raise_one_value_error_naming_the_setting(settings: dict[st
 
 
 def test_unknown_settings_and_a_positional_config_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"unknown semi-discrete solver setting\(s\) \['lrr'\]; valid: source, lr"):
+    with pytest.raises(
+        ValueError, match=r"unknown semi-discrete solver setting\(s\) \['lrr'\]; valid: source, optimizer, lr"
+    ):
         SemiDiscreteOT(torch.eye(3), lrr=0.1)
     with pytest.raises(ValueError, match=r"unknown semi-discrete solver setting\(s\) \['all_reduce'\]"):
         SemiDiscreteConfig.from_mapping({"all_reduce": None})
@@ -172,7 +174,10 @@ def test_config_canonicalises_yaml_and_checkpoint_values_and_resolves_the_seed()
         config.lr = 0.3  # type: ignore[misc]
     assert SemiDiscreteConfig.field_names() == (
         "source",
+        "optimizer",
         "lr",
+        "lr_exponent",
+        "average_power",
         "num_mc_samples",
         "chunk_size",
         "target_chunk_size",

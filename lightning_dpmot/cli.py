@@ -358,6 +358,13 @@ class DPMOTCLI(LightningCLI):
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.is_global_zero:
             return
+        name = str(self.save_config_kwargs.get("config_filename", ""))
+        if name.startswith("config-resume-") and trainer.loggers:  # logger.log_dir: no collective on rank 0 alone
+            resumed = Path(trainer.loggers[0].log_dir or ".") / name
+            if resumed.is_file():
+                written = resumed.stat().st_mtime
+                if not any(p.stat().st_mtime > written for p in resumed.parent.rglob("*.ckpt")):
+                    resumed.unlink()  # a resume that failed before saving a checkpoint leaves no record of itself
         for logger in trainer.loggers:
             try:
                 log_dir = getattr(logger, "log_dir", None)

@@ -120,13 +120,13 @@ class RunSummary(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Print the summary (rank 0; Lightning calls this only after the stage completed)."""
+        log_dir = trainer.log_dir  # a broadcast: every rank takes part
         if trainer.is_global_zero:
-            self.print_summary(trainer, stage)
+            self.print_summary(trainer, stage, log_dir)
 
-    def lines(self, trainer: L.Trainer, stage: str) -> list[str]:
-        """The summary's lines."""
+    def lines(self, trainer: L.Trainer, stage: str, log_dir: str | None) -> list[str]:
+        """The summary's lines (``log_dir``: ``trainer.log_dir``, read on every rank before)."""
         out = [f"dpmot {_stage_name(stage)} finished"]
-        log_dir = trainer.log_dir
         if log_dir:
             out.append(f"  run folder: {_shown(log_dir)}")
         for callback in trainer.checkpoint_callbacks:
@@ -152,10 +152,10 @@ class RunSummary(Callback):
                     out.append(f"    ... and {len(files) - self.max_files} more")
         return out
 
-    def print_summary(self, trainer: L.Trainer, stage: str) -> None:
+    def print_summary(self, trainer: L.Trainer, stage: str, log_dir: str | None) -> None:
         """Write :meth:`lines` to the stream."""
         stream = self.stream or sys.stderr
-        stream.write("\n".join(self.lines(trainer, stage)) + "\n")
+        stream.write("\n".join(self.lines(trainer, stage, log_dir)) + "\n")
         stream.flush()
 
 

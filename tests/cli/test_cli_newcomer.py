@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from dpmot_tiny import REPO, error_lines, tiny_config
+from dpmot_tiny import REPO, dpmot, error_lines, tiny_config
 from jsonargparse import Namespace
 
 from lightning_dpmot.callbacks.summary import RunSummary, new_files
@@ -156,7 +156,7 @@ def test_fit_summary_names_files_that_exist(
 
 def test_summary_is_silent_off_rank_zero_and_groups_folders(tmp_path: Path) -> None:
     stream = io.StringIO()
-    RunSummary(stream=stream).teardown(SimpleNamespace(is_global_zero=False), None, "fit")  # type: ignore[arg-type]
+    RunSummary(stream=stream).teardown(SimpleNamespace(is_global_zero=False, log_dir="x"), None, "fit")  # type: ignore[arg-type]
     assert stream.getvalue() == ""
     (tmp_path / "grid").mkdir()
     for i in range(5):
@@ -206,6 +206,14 @@ def test_resume_continues_in_its_own_version_folder(tmp_path: Path, monkeypatch:
     with (run / "metrics.csv").open() as f:
         steps = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
     assert steps == [0, 1, 2, 3]  # the first start's rows are kept, the resume's appended
+    failing = yaml.safe_load(Path(config).read_text())
+    failing["trainer"]["callbacks"].append({"class_path": "test_cli_reliability.FailAtStep", "init_args": {"step": 0}})
+    failing["trainer"]["callbacks"][0]["init_args"]["save_last_on_exception"] = False  # nothing saved by the failure
+    Path(config).write_text(yaml.safe_dump(failing))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["fit", "--config", config, "--trainer.max_steps=6", "--ckpt_path", str(run / "checkpoints/last.ckpt")])
+    assert len(list(run.glob("config-resume-*.yaml"))) == 1  # the failed resume left no record of itself
+    assert (run / "checkpoints/last.ckpt").is_file() and (run / "metrics.csv").is_file()
 
 
 def test_wandb_fragment_keeps_the_run_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,3 +265,20 @@ def test_redirect_names_the_evaluation_and_never_reuses_a_folder(tmp_path: Path)
     assert redirect_to_training_run(resumed, "fit", run, "x") == run
     assert resumed.logger[0].class_path == "lightning_dpmot.loggers.ResumableCSVLogger"
     assert Path(resumed.logger[0].init_args.save_dir) / resumed.logger[0].init_args.version == run
+
+
+@pytest.mark.slow
+def test_two_process_ddp_prints_one_summary_and_uses_one_folder(tmp_path: Path) -> None:
+    """Under DDP (the launcher re-executes the command per rank) only rank 0 prints, and every rank agrees on the
+    evaluation folder (no hang in the summary's collective, one predict-<time>/ folder)."""
+    config = str(_run_config(tmp_path))
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    fit = dpmot("fit", "--config", config, *ddp, cwd=tmp_path, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert fit.stderr.count("dpmot fit finished") == 1
+    ckpt = "runs/tiny/version_0/checkpoints/last.ckpt"
+    pred = dpmot("predict", "--config", config, "--ckpt_path", ckpt, *ddp, cwd=tmp_path, timeout=600)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert pred.stderr.count("dpmot predict finished") == 1
+    assert len(list((tmp_path / "runs/tiny/version_0").glob("predict-*"))) == 1
+    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == ["version_0"]

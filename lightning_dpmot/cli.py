@@ -21,6 +21,10 @@ Reliability (see the README's reliability section):
 - Relative logger ``save_dir``\\ s are relative to ``trainer.default_root_dir`` when it is set; an unwritable output
   directory is an error before anything runs; a failed run leaves no empty ``version_N/``.
 - User errors print one ``dpmot: error: …`` line and exit 2 (non-finite values: 3); ``DPMOT_DEBUG=1`` re-raises.
+
+For a newcomer: ``dpmot --help`` lists the shipped configs, the project's classes and examples
+(:mod:`lightning_dpmot.cli_help`); runs from a training run's checkpoint write into that run's folder
+(:mod:`lightning_dpmot.run_dirs`); every run ends with a short summary (:mod:`lightning_dpmot.callbacks.summary`).
 """
 
 from __future__ import annotations

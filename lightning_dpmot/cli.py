@@ -42,10 +42,12 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from lightning_dpmot.callbacks.model_summary import CompactModelSummary
 from lightning_dpmot.callbacks.nonfinite import NonFiniteGuard
 from lightning_dpmot.callbacks.signals import GracefulShutdown
 from lightning_dpmot.callbacks.summary import RunSummary
@@ -323,6 +325,11 @@ class DPMOTCLI(LightningCLI):
             callbacks.append(NonFiniteGuard())
         if not any(isinstance(c, RunSummary) for c in callbacks):
             callbacks.append(RunSummary())  # where the outputs went and the final metrics, at the end
+        if config.get("enable_model_summary", True) is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            callbacks.append(CompactModelSummary())  # Lightning's table without the FLOPs column of zeros
+            kwargs["enable_model_summary"] = False  # so Lightning adds no default summary (and says nothing)
         kwargs["callbacks"] = callbacks
         plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]

@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.model_summary.model_summary import (
 )
 from typing_extensions import override
 
-log = logging.getLogger(__name__)
+#: Lightning's own summary logger: it has Lightning's INFO handler, so the plain table prints where Lightning's would
+log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
 FLOPS_COLUMN = "FLOPs"
 

@@ -183,6 +183,13 @@ def report(case: Case, curves: list[Curve]) -> None:
         s_txt = "-" if math.isnan(s) else f"{s:.3e}"
         t_txt = "-" if math.isnan(t) else f"{t:.2f}"
         print(f"   {c.name:>40}: samples {s_txt:>10}  seconds {t_txt:>7}")
+    print("   at equal error (each level POT reached; ours interpolated): our samples / POT's, POT's time / ours")
+    for c in curves[:-1]:
+        cells = []
+        for p_err, p_s, p_t in zip(pot.errors, pot.samples, pot.seconds, strict=True):
+            s, t = reach(c, p_err, c.samples), reach(c, p_err, c.seconds)
+            cells.append("-" if math.isnan(s) else f"{p_err:.4f}: {s / p_s:.2f} / {p_t / t:.1f}x")
+        print(f"   {c.name}: " + "; ".join(cells))
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ Wintenberger 2025, as POT's ``solve_semidiscrete``): iterates ``h_t = h_{t-1} - 
 and their polynomial-decay average ``h_bar`` (Shamir & Zhang 2013), which is the h used for evaluation, assignment and
 checkpoints; or Adam with a near-constant step (``optimizer="adam"``, the released DPM-OT code), whose Monte Carlo
 jitter of h sets an error floor (measured on d = 8, N = 256, M = 256: Adam's held-out relative RMS mass error stalls
-at 0.083, averaged SGD reaches 0.017 after 1 M samples, as POT does: benchmarks/README.md). Every step re-centres h to mean zero (h is defined
-up to a constant).
+at 0.083, averaged SGD reaches 0.017 after 1 M samples, as POT does: benchmarks/README.md). Every step re-centres h
+to mean zero (h is defined up to a constant).
 
 Centring: the released DPM-OT code samples x uniform on [0, 1]^d. With x' = x - 1/2 the same cells are
 obtained from ``h'_i = h_i + 1/2 sum_k y_ik``, and the centred problem is far better conditioned (no d-scaled
@@ -607,10 +607,11 @@ class SemiDiscreteOT(nn.Module):
     ) -> dict[str, Any]:
         """Run :meth:`step` until converged or ``max_iterations`` more steps.
 
-        Stopping rule: every ``eval_every`` steps, if the step's own (debiased) error already passes, a
-        held-out :meth:`evaluate` with ``eval_num_samples`` (default ``eval_factor * M``) decides via
-        :meth:`is_converged`. The raw gradient norm is useless here: it has a Monte Carlo floor of about
-        1/sqrt(M). With ``criterion="max"``, a tol below the evaluation's noise floor raises ``ValueError``.
+        Stopping rule: every ``eval_every`` steps, if :meth:`step_passes` (Adam: the step's own debiased error
+        already passes; ASGD: always), a held-out :meth:`evaluate` of h with ``eval_num_samples`` (default
+        ``eval_factor * M``) decides via :meth:`is_converged`. The raw gradient norm is useless here: it has a Monte
+        Carlo floor of about 1/sqrt(M). With ``criterion="max"``, a tol below the evaluation's noise floor raises
+        ``ValueError``.
 
         Returns:
             ``{"converged": bool, "iterations": steps run, "last_step": dict, "evaluation": held-out dict,

@@ -27,6 +27,7 @@ FRAGMENTS = {
     "eval/aot_sweep.yaml": ("aot_edm/digits.yaml", "test"),
     "eval/solver_sweep.yaml": ("aot_edm/digits.yaml", "test"),
     "eval/ipndm_sweep.yaml": ("aot_edm/digits.yaml", "test"),
+    "eval/few_step_sweep.yaml": ("aot_edm/digits.yaml", "test"),
     "eval/dg_sweep.yaml": ("quickstart.yaml", "test"),
     "eval/shapes_text2img.yaml": ("text2img/shapes.yaml", "test"),
     "eval/unibench_gpu.yaml": ("text2img/webdataset_t5.yaml", "test"),

@@ -2,7 +2,8 @@
 set -e
 cd "$(git rev-parse --show-toplevel)" && source .venv/bin/activate && export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 arm=$1; coupling=$2; freeze=${3:-true}; sampling=${4:-lognormal}
-name=disc_$arm; [ "$freeze" = false ] && name=${name}ft; [ "$sampling" = loguniform ] && name=${name}lu
+name=disc_$arm; [ "$arm" = aot ] && [ "$coupling" = independent ] && name=${name}ind
+[ "$freeze" = false ] && name=${name}ft; [ "$sampling" = loguniform ] && name=${name}lu
 start=$(date +%s)
 dpmot fit --config configs/dg/digits_disc.yaml --seed_everything 0 \
   --model.init_args.fake=experiments/aot_vs_edm/runs/dg/predict_$arm/seed0/predictions/samples.npz \

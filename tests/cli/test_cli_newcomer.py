@@ -220,7 +220,12 @@ def test_wandb_fragment_keeps_the_run_name(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     config = str(_run_config(tmp_path))
-    cli = main(["fit", "--config", config, "--config", str(REPO / "configs/loggers/wandb.yaml")])
+    wandb = pytest.importorskip("wandb")
+    try:
+        cli = main(["fit", "--config", config, "--config", str(REPO / "configs/loggers/wandb.yaml")])
+    finally:
+        wandb.finish()  # a process ends here: no open run and no cached "disabled" settings for the next test
+        wandb.teardown()
     loggers = cli.config["fit"]["trainer"]["logger"]
     assert [lg["class_path"].rsplit(".", 1)[-1] for lg in loggers] == ["CSVLogger", "ResumableWandbLogger"]
     assert loggers[1]["init_args"]["name"] == "tiny" and loggers[1]["init_args"]["save_dir"] == "runs/tiny"

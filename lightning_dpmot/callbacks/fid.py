@@ -161,7 +161,8 @@ class FIDCallback(L.Callback):
             writer = csv.DictWriter(f, fieldnames=["step", "images", "key", "value"])
             writer.writeheader()
             writer.writerows(self.history)
-        path = plot_curves(self.history, log_dir / "fid_curve.png")
+        ylabel = f"{curve_ylabel(self.history)} ({self.num_samples:,} samples)"
+        path = plot_curves(self.history, log_dir / "fid_curve.png", ylabel)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="fid_curve", images=[str(path)], step=trainer.global_step)
@@ -177,8 +178,14 @@ class FIDCallback(L.Callback):
         self.validations = int(state_dict.get("validations", 0))
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
-    """Metric value against training images, one line per key (log-scaled y)."""
+def curve_ylabel(history: list[dict[str, Any]]) -> str:
+    """The y-axis name of the curve from its metric keys: ``FID`` for ``val/fid@nfe=35``, ``FID / KID`` for both."""
+    names = dict.fromkeys(h["key"].split("/")[-1].split("@")[0].split("_")[0].upper() for h in history)
+    return " / ".join(names) or "FID"
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, ylabel: str | None = None) -> Path:
+    """Metric value against training images, one line per key (log-scaled y); ``ylabel`` names the y-axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +196,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
         rows = [h for h in history if h["key"] == key]
         ax.plot([r["images"] for r in rows], [r["value"] for r in rows], marker="o", label=key)
     ax.set_xlabel("training images")
-    ax.set_ylabel("value")
+    ax.set_ylabel(ylabel or curve_ylabel(history))
     if history and min(h["value"] for h in history) > 0:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -12,7 +12,7 @@ from conftest import quiet_trainer, tiny_edm
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_dpmot.callbacks import EMAHalfLife
-from lightning_dpmot.callbacks.fid import FIDCallback, metric_key
+from lightning_dpmot.callbacks.fid import FIDCallback, curve_ylabel, metric_key
 from lightning_dpmot.data import DigitsDataModule
 from lightning_dpmot.metrics import frechet_distance
 from lightning_dpmot.metrics.extractors import build_feature_extractor, resolve_feature_kind
@@ -115,3 +115,9 @@ def test_fid_callback_under_two_process_ddp(tmp_path: Path) -> None:
     trainer.fit(tiny_edm(), DigitsDataModule(batch_size=16))
     assert trainer.callback_metrics["fid_checked"].item() == 1.0
     assert trainer.callback_metrics["val/fid@nfe=2"].item() > 0
+
+
+def test_the_curve_names_its_metrics_on_the_y_axis() -> None:
+    history = [{"key": "val/fid@nfe=9"}, {"key": "val/fid@nfe=35"}]
+    assert curve_ylabel(history) == "FID"
+    assert curve_ylabel([*history, {"key": "val/kid_heun-karras-rho7@nfe=9"}]) == "FID / KID"

@@ -9,6 +9,7 @@ next to it. ``install_warning_filters`` is called by the ``dpmot`` CLI before an
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import warnings
@@ -49,12 +50,30 @@ def subcommand_of(args: Iterable[str] | Mapping[str, Any] | None) -> str | None:
     return None
 
 
+#: Lightning 2.6 advertises its cloud products on every run ("💡 Tip: ... try installing [litlogger] / [litmodels]")
+#: through this logger; the tips are not about the run and push the model summary off the screen.
+_TIP_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+class _NoProductTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def install_tip_filter() -> None:
+    """Drop Lightning's product tips from its log (once per process)."""
+    logger = logging.getLogger(_TIP_LOGGER)
+    if not any(isinstance(f, _NoProductTips) for f in logger.filters):
+        logger.addFilter(_NoProductTips())
+
+
 def install_warning_filters(args: Iterable[str] | Mapping[str, Any] | None = None) -> list[str]:
     """Install the filters for the subcommand in ``args`` (see :func:`subcommand_of`); returns the message patterns.
 
     The filters are appended, after every filter already installed: ``python -W error`` / ``PYTHONWARNINGS=always``
     (or pytest's own filters) still take precedence and show everything.
     """
+    install_tip_filter()
     subcommand = subcommand_of(args)
     entries = list(ALWAYS)
     if subcommand in ("validate", "test", "predict"):

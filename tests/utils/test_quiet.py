@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lightning_dpmot.cli import main
-from lightning_dpmot.utils.quiet import install_warning_filters, is_filtered, subcommand_of
+from lightning_dpmot.utils.quiet import install_tip_filter, install_warning_filters, is_filtered, subcommand_of
 
 #: the messages issue 15 listed (and ModelCheckpoint's on a resume into the run's own folder)
 FALSE_ALARMS = (
@@ -100,3 +100,14 @@ def test_filters_are_narrow_and_per_subcommand() -> None:
         install_warning_filters(["fit"])
         with pytest.raises(FutureWarning):
             warnings.warn_explicit(leaf, FutureWarning, "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
+
+
+def test_lightning_product_tips_are_dropped_and_other_info_kept(caplog: pytest.LogCaptureFixture) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    install_tip_filter()
+    install_tip_filter()  # idempotent
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        rank_zero_info("`Trainer.fit` stopped: `max_steps=3` reached.")
+    assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=3` reached."]

@@ -1,7 +1,7 @@
 """Score generated digits: share recognised with probability >= 0.5 by a pixel logistic regression trained on
 the digits train split, and the class histogram. Also scores the real val split as a reference.
 
-    python experiments/quickstart/score_digits.py runs/quickstart/version_0/samples/samples.npz [--resolution 8]
+    python experiments/quickstart/score_digits.py <run>/predict-<time>/predictions/samples.npz [--resolution 8]
 """
 
 from __future__ import annotations
